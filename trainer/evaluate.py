@@ -1,0 +1,175 @@
+"""`wsssrec eval`: per split, g's accuracy and, for the trained segmenter, the CAM baseline and the trivial
+all-background / all-foreground predictions: foreground IoU over positive images (ignore excluded), background
+IoU, mIoU and the false-positive foreground area on negative images. Writes picture grids, a JSON and a
+Markdown table, and logs all of it to MLflow."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .classifier import classifier_accuracy
+from .config import Config
+from .data import dataset_classes, eval_batches, split_has_masks
+from .losses import mask_lets, reconstruction
+from .metrics import SegmentationMeter
+from .runtime import init_distributed, run_dir, set_threads, write_json
+from .tracking import Tracker
+from .train import load_frozen_g, load_segmenter, segmenter_checkpoint
+from .viz import grid_row, save_grid
+
+log = logging.getLogger(__name__)
+CAM_THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
+TRIVIAL = ("all-background", "all-foreground")
+
+
+def cam_scores(g, images: torch.Tensor) -> torch.Tensor:
+    """B×C×H×W CAM in [0,1]: ReLU, normalised by each map's maximum, upsampled, zero where g says the class is
+    absent (σ < 0.5)."""
+    logits, maps = g.cam(images)
+    maps = F.relu(maps)
+    maps = maps / maps.flatten(2).amax(dim=2).clamp_min(1e-6)[:, :, None, None]
+    maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return maps * (torch.sigmoid(logits) > 0.5).float()[:, :, None, None]
+
+
+def cam_labels(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    best, cls = scores.max(dim=1)
+    return torch.where(best > threshold, cls + 1, torch.zeros_like(cls))
+
+
+def trivial_labels(name: str, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """all-background: 0 everywhere; all-foreground: each image's first tagged class (bird for C = 1)."""
+    B = labels.shape[0]
+    if name == "all-background":
+        return torch.zeros(B, *size, dtype=torch.long)
+    first = torch.where(labels.sum(1) > 0, labels.argmax(1) + 1, torch.ones(B, dtype=torch.long))
+    return first[:, None, None].expand(B, *size).clone()
+
+
+@torch.no_grad()
+def choose_cam_threshold(g, cfg: Config, num_labels: int) -> tuple[float, dict[float, float]]:
+    meters = {t: SegmentationMeter(num_labels) for t in CAM_THRESHOLDS}
+    for batch in eval_batches(cfg, cfg.eval.cam_split):
+        scores = cam_scores(g, batch["image"])
+        positive = batch["labels"].sum(1) > 0
+        for t, meter in meters.items():
+            meter.update(cam_labels(scores, t), batch["mask"], positive)
+    curve = {t: m.summary()["miou"] for t, m in meters.items()}
+    return max(curve, key=curve.get), curve
+
+
+def _pick_grid_indices(labels: torch.Tensor, want_pos: int, want_neg: int) -> list[int]:
+    picked = []
+    for i, positive in enumerate((labels.sum(1) > 0).tolist()):
+        if positive and want_pos > 0:
+            picked.append(i)
+            want_pos -= 1
+        elif not positive and want_neg > 0:
+            picked.append(i)
+            want_neg -= 1
+    return picked
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_id: str | None = None,
+             with_segmenter: bool = True) -> dict:
+    init_distributed()
+    set_threads(cfg.train.threads)
+    out = run_dir(cfg) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    classes = dataset_classes(cfg)
+    C, num_labels = len(classes), len(classes) + 1
+    g_net, g = load_frozen_g(cfg, C)
+    model = None
+    if with_segmenter:
+        model, _, _ = load_segmenter(segmenter_path or segmenter_checkpoint(cfg), g_net)
+        model.eval()
+    tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-eval", parent_run_id=parent_run_id)
+    threshold, curve = choose_cam_threshold(g, cfg, num_labels)
+    results: dict = {"classes": classes, "cam_threshold": threshold, "cam_threshold_curve": curve,
+                     "cam_threshold_split": cfg.eval.cam_split, "splits": {}}
+    methods = (["method"] if model is not None else []) + ["CAM", *TRIVIAL]
+    for split in cfg.eval.splits:
+        if not split_has_masks(cfg, split):
+            raise ValueError(f"split {split!r} of {cfg.data.url} has no masks; eval.splits must name "
+                             "evaluation splits")
+        meters = {m: SegmentationMeter(num_labels) for m in methods}
+        rows, pos_left, neg_left = [], (cfg.eval.grid_images + 1) // 2, cfg.eval.grid_images // 2
+        areas = {"positive": [], "negative": []}
+        for batch in tqdm(eval_batches(cfg, split), desc=f"eval {split}", dynamic_ncols=True, leave=False):
+            images, labels, truth = batch["image"], batch["labels"], batch["mask"]
+            positive = labels.sum(1) > 0
+            size = tuple(images.shape[-2:])
+            scores = cam_scores(g, images)
+            preds = {"CAM": cam_labels(scores, threshold)}
+            for name in TRIVIAL:
+                preds[name] = trivial_labels(name, labels, size)
+            if model is not None:
+                net_out = model(images)
+                preds["method"] = model.predict_labels(net_out["mask_logits"])
+                fg_area = (preds["method"] > 0).float().mean(dim=(1, 2))
+                areas["positive"] += fg_area[positive].tolist()
+                areas["negative"] += fg_area[~positive].tolist()
+            for name, pred in preds.items():
+                meters[name].update(pred, truth, positive)
+            for i in _pick_grid_indices(labels, pos_left, neg_left):
+                pos_left -= int(positive[i])
+                neg_left -= int(not positive[i])
+                if model is not None:
+                    M = mask_lets(net_out["mask_logits"][i:i + 1])
+                    X = net_out["imagelets"][i:i + 1]
+                    rows.append(grid_row(images[i], truth[i], preds["method"][i], scores[i].max(0).values,
+                                         M[0], X[0], reconstruction(M, X)[0]))
+                else:
+                    rows.append(grid_row(images[i], truth[i], preds["CAM"][i], scores[i].max(0).values,
+                                         [], [], images[i]))
+        split_result = {"g": classifier_accuracy(g, cfg, split),
+                        "methods": {m: meters[m].summary() for m in methods}}
+        if model is not None:
+            split_result["mean_fg_area"] = {k: float(np.mean(v)) if v else float("nan") for k, v in areas.items()}
+        grid = save_grid(rows, out / f"grid_{split}.png", K=model.K if model is not None else 0,
+                         title=f"{cfg.train.run_name} {split}")
+        split_result["grid"] = str(grid)
+        results["splits"][split] = split_result
+        tracker.log_artifact(grid, "grids")
+        flat = {f"{split}/g_{k}": v for k, v in split_result["g"].items()}
+        for m, summary in split_result["methods"].items():
+            flat.update({f"{split}/{m}/{k}": v for k, v in summary.items() if np.isfinite(v)})
+        tracker.log_metrics(flat)
+    _gate_warning(results)
+    write_json(out / "results.json", results)
+    table = results_table(results)
+    (out / "results.md").write_text(table)
+    tracker.log_artifact(out / "results.json")
+    tracker.log_artifact(out / "results.md")
+    tracker.log_metrics({"cam_threshold": threshold})
+    tracker.finish()
+    return results
+
+
+def _gate_warning(results: dict) -> None:
+    splits = results["splits"]
+    if "test_aligned" in splits and "test_conflict" in splits:
+        gap = splits["test_aligned"]["g"]["accuracy"] - splits["test_conflict"]["g"]["accuracy"]
+        if gap > 0.15:
+            msg = (f"WARNING: g's accuracy on test_conflict is {gap:.2f} below test_aligned: g learned the "
+                   "background, not the object; segmentation numbers below are not meaningful")
+            results["gate_warning"] = msg
+            print(msg)
+
+
+def results_table(results: dict) -> str:
+    fg_name = f"{results['classes'][0]} IoU" if len(results["classes"]) == 1 else "mean fg IoU"
+    lines = [f"| split | method | g acc | {fg_name} | bg IoU | mIoU | neg FP area |", "|---|---|---|---|---|---|---|"]
+    for split, res in results["splits"].items():
+        for method, s in res["methods"].items():
+            fg = np.nanmean([v for k, v in s.items() if k.startswith("iou_")])
+            lines.append(f"| {split} | {method} | {res['g']['accuracy']:.3f} | {fg:.3f} | {s['background_iou']:.3f}"
+                         f" | {s['miou']:.3f} | {s['negative_fp_area']:.3f} |")
+    lines.append(f"\nCAM threshold {results['cam_threshold']} (chosen on {results['cam_threshold_split']}).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,187 @@
+"""The objectives, term by term, named as in the paper: mask-lets M, image-lets X, reconstruction Î,
+L = L_recon + λ_m·L_mask + λ_c·L_cls (preset `paper`), and the preserve/delete objective of DESIGN.md §1
+(preset `preserve_delete`) whose every term is a function here with its config weight.
+
+Shapes: I B×3×H×W in [0,1]; Z B×K×H×W; M B×K×H×W (sums to 1 over K); X B×K×3×H×W; y B×C multi-hot.
+Components 0..C−1 belong to the classes, C..K−1 are background components."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import ObjectiveConfig
+
+EPS = 1e-6
+Classifier = Callable[[torch.Tensor], torch.Tensor]  # images in [0,1] → logits B×C
+
+
+# ---------------------------------------------------------------------------------------------- paper terms
+def mask_lets(Z: torch.Tensor, sampling: str = "soft", tau: float = 1.0) -> torch.Tensor:
+    """M = softmax_K(Z); `straight_through`: one-hot argmax forward, softmax gradient; `gumbel`: hard Gumbel
+    samples with the straight-through gradient."""
+    M = torch.softmax(Z, dim=1)
+    if sampling == "soft":
+        return M
+    if sampling == "straight_through":
+        hard = F.one_hot(M.argmax(dim=1), Z.shape[1]).permute(0, 3, 1, 2).to(M.dtype)
+        return hard + M - M.detach()
+    if sampling == "gumbel":
+        return F.gumbel_softmax(Z, tau=tau, hard=True, dim=1)
+    raise ValueError(f"mask_sampling must be soft, straight_through or gumbel, got {sampling!r}")
+
+
+def reconstruction(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Î[c,h,w] = Σ_k M[k,h,w]·X[k,c,h,w]."""
+    return (M.unsqueeze(2) * X).sum(dim=1)
+
+
+def L_recon(I_hat: torch.Tensor, I: torch.Tensor) -> torch.Tensor:
+    """mean (Î − I)²."""
+    return ((I_hat - I) ** 2).mean()
+
+
+def bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Elementwise binary cross-entropy of a probability (clamped away from 0 and 1)."""
+    p = p.clamp(EPS, 1 - EPS)
+    return -(target * torch.log(p) + (1 - target) * torch.log(1 - p))
+
+
+def L_mask(M: torch.Tensor, y: torch.Tensor, area_target: float = 0.0) -> torch.Tensor:
+    """Area prior. a_k = mean over pixels of M_k. Class components: BCE(a_k, y_k) (absent → area 0, or
+    `area_target`; present → area pushed up); background: BCE(Σ_{background k} a_k, 1). Sum over
+    components, mean over batch."""
+    C = y.shape[1]
+    a = M.mean(dim=(2, 3))
+    target = y + (1 - y) * area_target
+    class_terms = bce(a[:, :C], target).sum(dim=1)
+    background_term = bce(a[:, C:].sum(dim=1), torch.ones_like(a[:, 0]))
+    return (class_terms + background_term).mean()
+
+
+def cls_targets(y: torch.Tensor, K: int) -> torch.Tensor:
+    """B×K×C: class component k → e_k·y_k (recognised as class k when present, as nothing else);
+    background components → 0."""
+    B, C = y.shape
+    targets = torch.zeros(B, K, C, dtype=y.dtype, device=y.device)
+    idx = torch.arange(C, device=y.device)
+    targets[:, idx, idx] = y
+    return targets
+
+
+def L_cls(g: Classifier, M: torch.Tensor, V: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean over components k of BCE(g(M_k ⊙ V_k), cls_targets(y)_k); V = X (image-lets, paper) or the
+    image I repeated over K. BCE is averaged over batch and classes."""
+    B, K = M.shape[:2]
+    masked = (M.unsqueeze(2) * V).flatten(0, 1)  # (B·K)×3×H×W
+    logits = g(masked).view(B, K, -1)
+    return F.binary_cross_entropy_with_logits(logits, cls_targets(y, K), reduction="none").mean(dim=(0, 2)).mean()
+
+
+def paper_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
+                    training: bool = True) -> dict[str, torch.Tensor]:
+    """L = L_recon + λ_m·L_mask + λ_c·L_cls."""
+    M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
+    X = out["imagelets"]
+    I_hat = reconstruction(M, X)
+    V = X if cfg.cls_input == "imagelet" else I.unsqueeze(1).expand_as(X)
+    terms = {"L_recon": L_recon(I_hat, I), "L_mask": L_mask(M, y, cfg.area_target), "L_cls": L_cls(g, M, V, y)}
+    terms["loss"] = terms["L_recon"] + cfg.lambda_m * terms["L_mask"] + cfg.lambda_c * terms["L_cls"]
+    return terms
+
+
+# ---------------------------------------------------------------------------------- preserve / delete terms
+def gaussian_blur(I: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding (radius 3σ, capped by the image size)."""
+    radius = max(1, min(int(math.ceil(3 * sigma)), min(I.shape[-2:]) - 1))
+    t = torch.arange(-radius, radius + 1, dtype=I.dtype, device=I.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = I.shape[1]
+    x = F.pad(I, [radius, radius, 0, 0], mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    x = F.pad(x, [0, 0, radius, radius], mode="reflect")
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def fill_image(I: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """F: what deleted pixels are replaced with (no gradient). `blur`: Gaussian blur of I; `shuffle`: blur of
+    another image of the batch, so the fill carries no trace of this image's object."""
+    with torch.no_grad():
+        fill = gaussian_blur(I, cfg.fill_sigma)
+        if cfg.fill == "shuffle":
+            fill = fill.roll(1, dims=0)
+    return fill
+
+
+def foreground(M: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """M_fg = Σ_{class k} M_k (B×H×W); the background mask is 1 − M_fg."""
+    return M[:, :num_classes].sum(dim=1)
+
+
+def preserved(M_fg: torch.Tensor, I: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """P = M_fg ⊙ I + (1 − M_fg) ⊙ F: only the object is kept."""
+    m = M_fg.unsqueeze(1)
+    return m * I + (1 - m) * fill
+
+
+def deleted(M_fg: torch.Tensor, I: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """D = M_bg ⊙ I + (1 − M_bg) ⊙ F with M_bg = 1 − M_fg: the object is removed."""
+    return preserved(1 - M_fg, I, fill)
+
+
+def L_preserve(g: Classifier, P: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BCE(g(P), y): what the mask keeps must still be recognised."""
+    return F.binary_cross_entropy_with_logits(g(P), y)
+
+
+def L_delete(g: Classifier, D: torch.Tensor) -> torch.Tensor:
+    """BCE(g(D), 0): with the mask's content removed, no class may remain."""
+    logits = g(D)
+    return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+
+
+def L_area(M_fg: torch.Tensor) -> torch.Tensor:
+    """mean(M_fg) over every image (positive or not): the smallest mask that does the job."""
+    return M_fg.mean()
+
+
+def L_tv(M_fg: torch.Tensor, I: torch.Tensor | None = None, edge_aware: float = 0.0) -> torch.Tensor:
+    """Total variation mean|Δ_v M| + mean|Δ_h M|. With edge_aware > 0 each difference is weighted by
+    exp(−edge_aware·|Δ I|) (mean over RGB), so the mask may change where the image has an edge."""
+    dv = (M_fg[:, 1:, :] - M_fg[:, :-1, :]).abs()
+    dh = (M_fg[:, :, 1:] - M_fg[:, :, :-1]).abs()
+    if edge_aware > 0 and I is not None:
+        dv = dv * torch.exp(-edge_aware * (I[:, :, 1:, :] - I[:, :, :-1, :]).abs().mean(dim=1))
+        dh = dh * torch.exp(-edge_aware * (I[:, :, :, 1:] - I[:, :, :, :-1]).abs().mean(dim=1))
+    return dv.mean() + dh.mean()
+
+
+def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier,
+                              cfg: ObjectiveConfig, training: bool = True) -> dict[str, torch.Tensor]:
+    """L = λ_c·(L_preserve + L_delete) + λ_m·(area_weight·L_area + tv_weight·L_tv) + recon_weight·L_recon."""
+    C = y.shape[1]
+    M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
+    M_fg = foreground(M, C)
+    fill = fill_image(I, cfg)
+    terms = {
+        "L_preserve": L_preserve(g, preserved(M_fg, I, fill), y),
+        "L_delete": L_delete(g, deleted(M_fg, I, fill)),
+        "L_area": L_area(M_fg),
+        "L_tv": L_tv(M_fg, I, cfg.edge_aware_tv),
+        "L_recon": L_recon(reconstruction(M, out["imagelets"]), I),
+    }
+    terms["loss"] = (cfg.lambda_c * (terms["L_preserve"] + terms["L_delete"])
+                     + cfg.lambda_m * (cfg.area_weight * terms["L_area"] + cfg.tv_weight * terms["L_tv"])
+                     + cfg.recon_weight * terms["L_recon"])
+    return terms
+
+
+OBJECTIVES = {"paper": paper_objective, "preserve_delete": preserve_delete_objective}
+
+
+def objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
+              training: bool = True) -> dict[str, torch.Tensor]:
+    return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training)

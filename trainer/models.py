@@ -1,0 +1,180 @@
+"""The networks: a shared encoder (the paper's from-scratch U-Net encoder or g's pretrained EfficientNet-Lite0
+trunk) under two decoders, the mask head f_m (K mask logits Z) and the decomposition head f_x (K image-lets X),
+and the frozen classifier g."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .effnet import PYRAMID_CHANNELS, EfficientNetLite0
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """Two 3×3 convs with LeakyReLU(0.01) and no normalisation layer (paper)."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.LeakyReLU(0.01),
+        nn.Conv2d(c_out, c_out, 3, padding=1), nn.LeakyReLU(0.01),
+    )
+
+
+class UNetEncoder(nn.Module):
+    """The paper's encoder, trained from scratch: features at strides 1, 2, ..., 2**depth."""
+
+    def __init__(self, width: int, depth: int):
+        super().__init__()
+        self.out_channels = [width * 2 ** i for i in range(depth + 1)]
+        self.levels = nn.ModuleList(
+            [conv_block(3, width)] + [conv_block(self.out_channels[i - 1], self.out_channels[i])
+                                      for i in range(1, depth + 1)])
+        self.divisor = 2 ** depth
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        feats = [self.levels[0](images)]
+        for level in self.levels[1:]:
+            feats.append(level(F.max_pool2d(feats[-1], 2)))
+        return feats
+
+
+class EfficientNetEncoder(nn.Module):
+    """g's pretrained trunk as the encoder: the RGB image at stride 1, then strides 2 ... 32. Frozen (and kept
+    in eval mode whatever `.train()` says) unless made trainable."""
+
+    divisor = 32
+
+    def __init__(self, trunk: EfficientNetLite0, trainable: bool = False):
+        super().__init__()
+        self.trunk = copy.deepcopy(trunk)
+        self.trunk._fc = nn.Identity()  # the classifier head is not part of the encoder
+        self.out_channels = [3, *PYRAMID_CHANNELS]
+        self.set_trainable(trainable)
+
+    def set_trainable(self, trainable: bool) -> None:
+        self.trainable = trainable
+        for p in self.trunk.parameters():
+            p.requires_grad_(trainable)
+        self.trunk.train(self.training and trainable)
+
+    def train(self, mode: bool = True) -> "EfficientNetEncoder":
+        self.training = mode
+        self.trunk.train(mode and self.trainable)
+        return self
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [images, *self.trunk.pyramid(images)]
+
+
+class UNetDecoder(nn.Module):
+    """Projects the deepest features, then per level: ×2 upsample, concatenate the skip, conv_block.
+    Returns the output and the intermediate maps by stride (the low-resolution image-let head reads them)."""
+
+    def __init__(self, enc_channels: list[int], widths: list[int], bottleneck: int, out_channels: int):
+        super().__init__()
+        n_up = len(enc_channels) - 1
+        if len(widths) != n_up:
+            raise ValueError(f"model.decoder_widths needs {n_up} entries for this encoder, got {len(widths)}")
+        self.project = nn.Sequential(nn.Conv2d(enc_channels[-1], bottleneck, 1), nn.LeakyReLU(0.01))
+        c_prev, stages = bottleneck, []
+        for width, skip in zip(widths, reversed(enc_channels[:-1])):
+            stages.append(conv_block(c_prev + skip, width))
+            c_prev = width
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Conv2d(c_prev, out_channels, 1)
+        self.widths = list(widths)
+
+    def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        x = self.project(feats[-1])
+        maps, stride = {}, 2 ** (len(feats) - 1)
+        for stage, skip in zip(self.stages, reversed(feats[:-1])):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = stage(torch.cat([x, skip], dim=1))
+            stride //= 2
+            maps[stride] = x
+        return self.head(x), maps
+
+
+class Segmenter(nn.Module):
+    """f_m and f_x over a shared encoder. forward → {"mask_logits": Z (B×K×H×W), "imagelets": X (B×K×3×H×W)}."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, trunk: EfficientNetLite0 | None = None):
+        super().__init__()
+        self.num_classes = num_classes
+        self.K = cfg.K or num_classes + 1
+        if self.K < num_classes + 1:
+            raise ValueError(f"model.K = {cfg.K} but the data set has C = {num_classes} classes: K must be ≥ C + 1")
+        if cfg.encoder == "efficientnet":
+            if trunk is None:
+                raise ValueError("model.encoder 'efficientnet' needs g's trunk")
+            self.encoder = EfficientNetEncoder(trunk, trainable=cfg.encoder_trainable)
+            widths = list(cfg.decoder_widths)
+        else:
+            self.encoder = UNetEncoder(cfg.width, cfg.depth)
+            widths = list(reversed(self.encoder.out_channels[:-1]))
+        enc = self.encoder.out_channels
+        bottleneck = cfg.bottleneck if cfg.encoder == "efficientnet" else enc[-1]
+        self.mask_decoder = UNetDecoder(enc, widths, bottleneck, self.K)  # f_m
+        self.imagelet_head = cfg.imagelet_head
+        self.imagelet_stride = cfg.imagelet_stride
+        if cfg.imagelet_head == "full":  # f_x: a second decoder on the shared encoder (paper)
+            self.imagelet_decoder = UNetDecoder(enc, widths, bottleneck, 3 * self.K)
+        else:  # f_x: 1×1 conv on the mask decoder's coarse map; low frequency so it cannot copy the image
+            strides = [2 ** (len(enc) - 2 - i) for i in range(len(widths))]
+            if cfg.imagelet_stride not in strides:
+                raise ValueError(f"model.imagelet_stride must be one of {strides}, got {cfg.imagelet_stride}")
+            self.imagelet_decoder = nn.Conv2d(widths[strides.index(cfg.imagelet_stride)], 3 * self.K, 1)
+        self.divisor = self.encoder.divisor
+
+    def check_size(self, height: int, width: int) -> None:
+        if height % self.divisor or width % self.divisor:
+            raise ValueError(f"image size {height}×{width} does not fit this encoder: both sides must be "
+                             f"multiples of {self.divisor} (set data.image_size accordingly)")
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.check_size(*images.shape[-2:])
+        feats = self.encoder(images)
+        mask_logits, maps = self.mask_decoder(feats)
+        if self.imagelet_head == "full":
+            raw, _ = self.imagelet_decoder(feats)
+        else:
+            raw = F.interpolate(self.imagelet_decoder(maps[self.imagelet_stride]), size=images.shape[-2:],
+                                mode="bilinear", align_corners=False)
+        b, _, h, w = images.shape
+        imagelets = torch.sigmoid(raw).view(b, self.K, 3, h, w)
+        return {"mask_logits": mask_logits, "imagelets": imagelets}
+
+    def predict_labels(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """argmax_k Z → labels: background components → 0, class component c < C → c + 1."""
+        return component_to_label(mask_logits.argmax(dim=1), self.num_classes)
+
+
+def component_to_label(components: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.where(components < num_classes, components + 1, torch.zeros_like(components))
+
+
+class FrozenClassifier(nn.Module):
+    """g in stage 2: no gradients, eval mode always (BatchNorm statistics never move), whatever `.train()`
+    callers do. Gradients still flow through g to its inputs."""
+
+    def __init__(self, net: EfficientNetLite0):
+        super().__init__()
+        self.net = net
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+        self.net.eval()
+
+    def train(self, mode: bool = True) -> "FrozenClassifier":
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def cam(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.cam(images)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
