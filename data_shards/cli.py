@@ -1,0 +1,104 @@
+"""`wsssrec data ...` subcommands: build toy-birds, convert user data, list a data set."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from .manifest import DataError, read_manifest
+
+
+def _toy_birds(args: argparse.Namespace) -> None:
+    from .toy_birds import build_toy_birds
+
+    counts = {"train": args.train, "val": args.val, "test_aligned": args.test, "test_conflict": args.test}
+    path = build_toy_birds(args.out, seed=args.seed, size=args.size, rho=args.rho, counts=counts,
+                           cache_dir=args.cache_dir, maxcount=args.maxcount)
+    print(f"wrote toy-birds to {path}")
+    _print_manifest(path)
+
+
+def _convert_folder(args: argparse.Namespace) -> None:
+    from .convert import convert_folder
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    path = convert_folder(args.images, args.tags, args.out, args.split, masks_dir=args.masks,
+                          classes=classes, maxcount=args.maxcount)
+    print(f"wrote split {args.split!r} to {path}")
+    _print_manifest(path)
+
+
+def _convert_voc(args: argparse.Namespace) -> None:
+    from .convert import convert_voc
+
+    path = convert_voc(args.root, args.out, maxcount=args.maxcount)
+    print(f"wrote PASCAL VOC to {path}")
+    _print_manifest(path)
+
+
+def _print_manifest(url: str) -> None:
+    manifest = read_manifest(url)
+    print(f"manifest {manifest.url}")
+    print(f"classes ({len(manifest.classes)}): {', '.join(manifest.classes)}")
+    total_bytes = 0
+    for name, info in manifest.splits.items():
+        size = sum(os.path.getsize(s) for s in info.shards if os.path.exists(s))
+        total_bytes += size
+        print(f"  {name:<16} {info.samples:>8} samples {len(info.shards):>4} shards {size / 1e6:>9.2f} MB"
+              f"  masks: {'yes' if info.has_masks else 'no'}")
+    print(f"total {sum(i.samples for i in manifest.splits.values())} samples, {total_bytes} bytes")
+
+
+def _ls(args: argparse.Namespace) -> None:
+    _print_manifest(args.manifest)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `data ...` to a top-level argparse subparsers object; each leaf sets `func(args)`."""
+    data = subparsers.add_parser("data", help="build, convert and list shard data sets")
+    commands = data.add_subparsers(dest="data_command", required=True)
+
+    toy = commands.add_parser("toy-birds", help="build the toy-birds data set (fetches Debian packages)")
+    toy.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--size", type=int, default=96, help="image side in pixels")
+    toy.add_argument("--rho", type=float, default=0.9, help="P(water | bird) = P(land | no bird) in train/val")
+    toy.add_argument("--train", type=int, default=2000, help="train samples")
+    toy.add_argument("--val", type=int, default=200, help="val samples")
+    toy.add_argument("--test", type=int, default=300, help="samples in each of test_aligned, test_conflict")
+    toy.add_argument("--cache-dir", default=None,
+                     help="Debian package cache (default $WSSSREC_CACHE/debian or ~/.cache/wsssrec/debian)")
+    toy.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    toy.set_defaults(func=_toy_birds)
+
+    convert = commands.add_parser("convert", help="convert user data to shards")
+    kinds = convert.add_subparsers(dest="convert_kind", required=True)
+    folder = kinds.add_parser("folder", help="an image folder with a tags CSV (columns image,labels)")
+    folder.add_argument("--images", required=True, help="image folder")
+    folder.add_argument("--tags", required=True, help="CSV with columns image,labels (class names, ';' or space)")
+    folder.add_argument("--out", required=True)
+    folder.add_argument("--split", required=True, help="split name, e.g. train or val")
+    folder.add_argument("--masks", default=None, help="mask folder (same stem, .png) for an evaluation split")
+    folder.add_argument("--classes", default=None, help="comma-separated class names (default: sorted union)")
+    folder.add_argument("--maxcount", type=int, default=1000)
+    folder.set_defaults(func=_convert_folder)
+    voc = kinds.add_parser("voc", help="PASCAL VOC 2012 (JPEGImages, ImageSets/Segmentation, SegmentationClass)")
+    voc.add_argument("--root", required=True)
+    voc.add_argument("--out", required=True)
+    voc.add_argument("--maxcount", type=int, default=1000)
+    voc.set_defaults(func=_convert_voc)
+
+    ls = commands.add_parser("ls", help="show a data set's classes, splits and sizes")
+    ls.add_argument("manifest", help="manifest.json or the folder holding it")
+    ls.set_defaults(func=_ls)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_shards")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except DataError as exn:
+        parser.exit(2, f"error: {exn}\n")
+    return 0

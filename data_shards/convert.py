@@ -1,0 +1,163 @@
+"""Converters from user data to our shards: an image folder with a tags CSV, and PASCAL VOC 2012.
+
+Both write the same format as toy-birds (jpg, json with "labels", mask.png for evaluation splits) and
+add their splits to the folder's manifest, which is written after the shards.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .manifest import MANIFEST_NAME, DataError, SplitInfo, read_manifest, write_manifest
+from .writer import ShardWriter, encode_jpeg, encode_mask_png, make_sample
+
+VOC_CLASSES = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]
+
+
+def _jpeg_bytes(path: str) -> tuple[bytes, tuple[int, int]]:
+    """The file's own bytes when it is an RGB JPEG (no re-compression), else an RGB re-encode."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            if image.format == "JPEG" and image.mode == "RGB":
+                with open(path, "rb") as f:
+                    return f.read(), size
+            return encode_jpeg(image.convert("RGB"), quality=95), size
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except OSError as exn:
+        raise DataError(f"image {path} cannot be read as an image ({exn})") from None
+
+
+def _mask_array(path: str, num_classes: int, image_size: tuple[int, int]) -> np.ndarray:
+    try:
+        with Image.open(path) as mask:
+            if mask.mode not in ("L", "P"):
+                raise DataError(f"mask {path} has mode {mask.mode}; expected an 8-bit L or palette PNG")
+            values = np.asarray(mask)
+    except FileNotFoundError:
+        raise DataError(f"mask {path} does not exist (expected one PNG per image, same stem)") from None
+    except OSError as exn:
+        raise DataError(f"mask {path} cannot be read ({exn})") from None
+    if values.shape[::-1] != tuple(image_size):
+        raise DataError(f"mask {path} is {values.shape[1]}x{values.shape[0]}, its image is "
+                        f"{image_size[0]}x{image_size[1]}")
+    bad = sorted(set(np.unique(values).tolist()) - set(range(num_classes + 1)) - {255})
+    if bad:
+        raise DataError(f"mask {path} has values {bad[:5]}; expected 0 (background), 1..{num_classes} "
+                        f"(class + 1) or 255 (ignore)")
+    return values
+
+
+def _write_split(out_dir: str, split: str, samples: Iterable[dict], total: int, maxcount: int) -> SplitInfo:
+    with ShardWriter(out_dir, split, maxcount) as writer:
+        for sample in tqdm(samples, total=total, desc=f"convert {split}"):
+            writer.write(sample)
+        return writer.close()
+
+
+def _add_splits(out_dir: str, classes: list[str], splits: dict[str, SplitInfo]) -> str:
+    """Write the manifest with these splits added to any already in `out_dir` (same classes)."""
+    existing = {}
+    if os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+        manifest = read_manifest(out_dir)
+        if manifest.classes != classes:
+            raise DataError(f"{manifest.url} has classes {manifest.classes}, the new split has {classes}; "
+                            f"use another --out or pass --classes {','.join(manifest.classes)}")
+        existing = {name: SplitInfo([os.path.relpath(s, out_dir) for s in info.shards], info.samples,
+                                    info.has_masks) for name, info in manifest.splits.items()}
+    return write_manifest(out_dir, classes, {**existing, **splits})
+
+
+def read_tags_csv(path: str, classes: list[str] | None = None) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Rows (image name, class names) of a tags CSV with columns image,labels; and the class list
+    (given, or the sorted union of all labels)."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"image", "labels"} <= set(reader.fieldnames):
+                raise DataError(f"tags CSV {path} has columns {reader.fieldnames}; expected a header "
+                                f"with 'image' and 'labels'")
+            rows = [(row["image"].strip(), [t for t in re.split(r"[;\s]+", row["labels"] or "") if t])
+                    for row in reader]
+    except FileNotFoundError:
+        raise DataError(f"tags CSV {path} does not exist") from None
+    if classes is None:
+        classes = sorted({name for _, names in rows for name in names})
+    known = set(classes)
+    for line, (image, names) in enumerate(rows, start=2):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise DataError(f"tags CSV {path} line {line} ({image}): unknown class {unknown[0]!r} "
+                            f"(classes: {', '.join(classes)})")
+    return rows, classes
+
+
+def convert_folder(images_dir: str, tags_csv: str, out_dir: str, split: str, *, masks_dir: str | None = None,
+                   classes: list[str] | None = None, maxcount: int = 1000) -> str:
+    """Image folder + tags CSV (+ optional masks folder, same stem .png) -> one split; returns the manifest."""
+    if not os.path.isdir(images_dir):
+        raise DataError(f"image folder {images_dir} does not exist")
+    if masks_dir is not None and not os.path.isdir(masks_dir):
+        raise DataError(f"mask folder {masks_dir} does not exist")
+    if classes is None and os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+        classes = read_manifest(out_dir).classes  # adding a split to an existing data set
+    rows, classes = read_tags_csv(tags_csv, classes)
+    index = {name: i for i, name in enumerate(classes)}
+
+    def samples() -> Iterator[dict]:
+        for number, (image_name, names) in enumerate(rows):
+            jpg, size = _jpeg_bytes(os.path.join(images_dir, image_name))
+            meta = {"labels": sorted({index[n] for n in names}), "source": image_name}
+            mask_png = None
+            if masks_dir is not None:
+                stem = os.path.splitext(image_name)[0]
+                mask_png = encode_mask_png(_mask_array(os.path.join(masks_dir, stem + ".png"), len(classes), size))
+            yield make_sample(f"{split}-{number:06d}", jpg, meta, mask_png)
+
+    info = _write_split(out_dir, split, samples(), len(rows), maxcount)
+    return _add_splits(out_dir, classes, {split: info})
+
+
+def _voc_dir(root: str) -> str:
+    for candidate in (root, os.path.join(root, "VOC2012"), os.path.join(root, "VOCdevkit", "VOC2012")):
+        if os.path.isdir(os.path.join(candidate, "JPEGImages")):
+            return candidate
+    raise DataError(f"{root} is not a PASCAL VOC 2012 folder (expected JPEGImages/, ImageSets/Segmentation/ "
+                    f"and SegmentationClass/ in it or in VOC2012/ below it)")
+
+
+def convert_voc(root: str, out_dir: str, *, maxcount: int = 1000, splits: tuple[str, ...] = ("train", "val")) -> str:
+    """PASCAL VOC 2012 segmentation sets -> splits `train` (tags only) and `val` (with masks).
+
+    Tags are the classes present in each SegmentationClass mask; mask values (0..20, 255 border)
+    already match our encoding."""
+    voc = _voc_dir(root)
+    infos = {}
+    for split in splits:
+        list_path = os.path.join(voc, "ImageSets", "Segmentation", f"{split}.txt")
+        try:
+            with open(list_path) as f:
+                ids = [line.strip() for line in f if line.strip()]
+        except FileNotFoundError:
+            raise DataError(f"VOC image list {list_path} does not exist") from None
+
+        def samples(ids=ids, split=split) -> Iterator[dict]:
+            for image_id in ids:
+                jpg, size = _jpeg_bytes(os.path.join(voc, "JPEGImages", image_id + ".jpg"))
+                mask = _mask_array(os.path.join(voc, "SegmentationClass", image_id + ".png"), len(VOC_CLASSES), size)
+                present = sorted(int(v) - 1 for v in np.unique(mask) if 0 < v < 255)
+                mask_png = encode_mask_png(mask) if split != "train" else None
+                yield make_sample(f"{split}-{image_id}", jpg, {"labels": present, "source": image_id}, mask_png)
+
+        infos[split] = _write_split(out_dir, split, samples(), len(ids), maxcount)
+    return _add_splits(out_dir, VOC_CLASSES, infos)
