@@ -209,6 +209,11 @@ class ShardDataset(wds.DataPipeline):
                              with_mask=self.with_mask, flip=bool(flip))
 
 
+def raw_samples(shard_url: str) -> list[dict]:
+    """Every sample of one shard as raw bytes, in order (for inspection and tests; errors raise)."""
+    return list(wds.DataPipeline(wds.SimpleShardList([shard_url]), wds.tarfile_to_samples()))
+
+
 def make_dataset(manifest_url: str, split: str, *, image_size: int, batch_size: int, train: bool,
                  seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool | None = None,
                  num_workers: int = 0) -> ShardDataset:

@@ -1,0 +1,17 @@
+"""Shared fixtures: one tiny toy-birds data set per test session.
+
+The Debian source packages come from the wsssrec cache (`$WSSSREC_CACHE/debian`, else
+`~/.cache/wsssrec/debian`); the first run fetches them with `apt-get download`.
+"""
+import pytest
+
+TOY_ARGS = dict(seed=0, size=64, rho=0.9, maxcount=32,
+                counts={"train": 96, "val": 32, "test_aligned": 32, "test_conflict": 32})
+
+
+@pytest.fixture(scope="session")
+def toy_dataset(tmp_path_factory) -> str:
+    """Path of the manifest.json of a tiny toy-birds set (64 px; 96/32/32/32 samples; 32 per shard)."""
+    from data_shards.toy_birds import build_toy_birds
+
+    return build_toy_birds(str(tmp_path_factory.mktemp("toy_birds")), progress=False, **TOY_ARGS)

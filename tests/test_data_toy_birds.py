@@ -1,0 +1,160 @@
+"""toy-birds: determinism, disjoint instances and photo regions, bias rates, masks and bird sizes."""
+import io
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TOY_ARGS
+from data_shards.loader import raw_samples
+from data_shards.manifest import read_manifest
+from data_shards.toy_birds import BIRD_RANGE, EXCLUDED_BIRDS, TEST_BIRDS, bird_mask, build_toy_birds
+
+SIZE = TOY_ARGS["size"]
+
+
+@pytest.fixture(scope="module")
+def samples(toy_dataset):
+    """split -> list of (meta, mask array or None) in shard order."""
+    manifest = read_manifest(toy_dataset)
+    out = {}
+    for split, info in manifest.splits.items():
+        out[split] = []
+        for shard in info.shards:
+            for raw in raw_samples(shard):
+                mask = np.asarray(Image.open(io.BytesIO(raw["mask.png"]))) if "mask.png" in raw else None
+                out[split].append((json.loads(raw["json"]), mask))
+    return out
+
+
+def _shard_bytes(manifest_path):
+    folder = os.path.dirname(manifest_path)
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(toy_dataset, tmp_path):
+    again = build_toy_birds(str(tmp_path / "again"), progress=False, **TOY_ARGS)
+    first, second = _shard_bytes(toy_dataset), _shard_bytes(again)
+    assert sorted(first) == sorted(second)
+    assert "manifest.json" in first and not any(name.endswith(".tmp") for name in first)
+    for name in first:
+        assert first[name] == second[name], name
+
+    other = build_toy_birds(str(tmp_path / "other"), progress=False, **{**TOY_ARGS, "seed": 1})
+    third = _shard_bytes(other)
+    assert third["manifest.json"] == first["manifest.json"]  # same counts, same shard names
+    differing = [name for name in first if name.endswith(".tar") and first[name] != third[name]]
+    assert len(differing) == len([n for n in first if n.endswith(".tar")])
+
+
+def test_manifest_counts_and_masks(toy_dataset, samples):
+    manifest = read_manifest(toy_dataset)
+    assert manifest.classes == ["bird"]
+    expected = TOY_ARGS["counts"]
+    assert {name: info.samples for name, info in manifest.splits.items()} == expected
+    assert [os.path.basename(s) for s in manifest.split("train").shards] == [
+        "train-00000.tar", "train-00001.tar", "train-00002.tar"]
+    assert manifest.split("train").has_masks is False
+    for split in ("val", "test_aligned", "test_conflict"):
+        assert manifest.split(split).has_masks is True
+    assert all(mask is None for _, mask in samples["train"])
+    for split, rows in samples.items():
+        assert len(rows) == expected[split]
+        positives = sum(1 for meta, _ in rows if meta["labels"] == [0])
+        assert positives == expected[split] // 2
+        assert all(meta["labels"] in ([0], []) for meta, _ in rows)
+
+
+def test_bird_instances_are_disjoint_between_train_and_test(samples):
+    seen = {split: {meta["bird"] for meta, _ in rows if meta["bird"]} for split, rows in samples.items()}
+    train_side = seen["train"] | seen["val"]
+    test_side = seen["test_aligned"] | seen["test_conflict"]
+    assert train_side and test_side
+    assert not train_side & test_side
+    assert test_side <= TEST_BIRDS
+    assert not (train_side | test_side) & EXCLUDED_BIRDS
+    assert len(TEST_BIRDS) == 10  # of 34 instances
+
+
+def test_crops_stay_inside_their_photo_region(samples):
+    regions = defaultdict(dict)  # photo -> region name -> box
+    for split, rows in samples.items():
+        expected_region = "test" if split.startswith("test") else "train"
+        for meta, _ in rows:
+            assert meta["region"] == expected_region
+            x0, y0, x1, y1 = meta["crop"]
+            rx0, ry0, rx1, ry1 = meta["region_box"]
+            assert rx0 <= x0 < x1 <= rx1 and ry0 <= y0 < y1 <= ry1, (split, meta)
+            assert abs((x1 - x0) - (y1 - y0)) < 1.0  # square crops
+            regions[meta["background_photo"]].setdefault(meta["region"], tuple(meta["region_box"]))
+    both = [photo for photo, r in regions.items() if len(r) == 2]
+    assert both
+    for photo in both:
+        a, b = regions[photo]["train"], regions[photo]["test"]
+        overlap_w = min(a[2], b[2]) - max(a[0], b[0])
+        overlap_h = min(a[3], b[3]) - max(a[1], b[1])
+        assert overlap_w <= 0 or overlap_h <= 0, photo
+
+
+def test_background_bias_rates(samples):
+    def rates(rows):
+        pos = [m for m, _ in rows if m["labels"]]
+        neg = [m for m, _ in rows if not m["labels"]]
+        return (sum(m["background"] == "water" for m in pos) / len(pos),
+                sum(m["background"] == "land" for m in neg) / len(neg))
+
+    rho = TOY_ARGS["rho"]
+    for split in ("train", "val", "test_aligned"):
+        water_given_bird, land_given_none = rates(samples[split])
+        tolerance = 1.5 / (TOY_ARGS["counts"][split] // 2)  # exact counts, rounded
+        assert abs(water_given_bird - rho) <= tolerance, split
+        assert abs(land_given_none - rho) <= tolerance, split
+    water_given_bird, land_given_none = rates(samples["test_conflict"])
+    assert abs(water_given_bird - (1 - rho)) <= 0.1 and abs(land_given_none - (1 - rho)) <= 0.1
+
+
+def test_masks_values_areas_and_negatives(samples):
+    fractions = []
+    for split in ("val", "test_aligned", "test_conflict"):
+        for meta, mask in samples[split]:
+            assert mask.shape == (SIZE, SIZE) and mask.dtype == np.uint8
+            assert set(np.unique(mask).tolist()) <= {0, 1, 255}
+            if meta["labels"]:
+                assert (mask == 1).sum() > 0
+                fractions.append(float((mask == 1).mean()))
+            else:
+                assert not mask.any(), meta
+                assert meta["bird"] is None and meta["bird_box"] is None
+    median = float(np.median(fractions))
+    assert 0.08 <= median <= 0.22, median  # DESIGN: median bird area ~13 %
+    ignore = [float((m == 255).mean()) for split in ("val",) for meta, m in samples[split] if meta["labels"]]
+    assert 0.0 < np.median(ignore) < 0.08  # a thin rim, not a dilated band
+
+
+def test_bird_size_and_position(samples):
+    for rows in samples.values():
+        for meta, _ in rows:
+            if not meta["labels"]:
+                continue
+            x0, y0, x1, y1 = meta["bird_box"]
+            longest = max(x1 - x0, y1 - y0)
+            assert BIRD_RANGE[0] * SIZE - 1 <= longest <= BIRD_RANGE[1] * SIZE + 1
+            visible_w = min(x1, SIZE) - max(x0, 0)
+            visible_h = min(y1, SIZE) - max(y0, 0)
+            assert visible_w >= 0.8 * (x1 - x0) - 1 and visible_h >= 0.8 * (y1 - y0) - 1
+            assert len(meta["distractors"]) <= 2
+
+
+def test_distractors_appear_with_and_without_birds(samples):
+    rows = samples["train"]
+    with_bird = np.mean([len(m["distractors"]) for m, _ in rows if m["labels"]])
+    without = np.mean([len(m["distractors"]) for m, _ in rows if not m["labels"]])
+    assert 0.5 < with_bird < 1.5 and 0.5 < without < 1.5
+
+
+def test_bird_mask_thresholds():
+    alpha = np.array([[0, 31, 32, 127, 128, 223, 224, 255]], np.float32) / 255.0
+    assert bird_mask(alpha).tolist() == [[0, 0, 255, 255, 255, 255, 1, 1]]
