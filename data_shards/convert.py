@@ -65,17 +65,16 @@ def _write_split(out_dir: str, split: str, samples: Iterable[dict], total: int, 
         return writer.close()
 
 
-def _add_splits(out_dir: str, classes: list[str], splits: dict[str, SplitInfo]) -> str:
-    """Write the manifest with these splits added to any already in `out_dir` (same classes)."""
-    existing = {}
-    if os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
-        manifest = read_manifest(out_dir)
-        if manifest.classes != classes:
-            raise DataError(f"{manifest.url} has classes {manifest.classes}, the new split has {classes}; "
-                            f"use another --out or pass --classes {','.join(manifest.classes)}")
-        existing = {name: SplitInfo([os.path.relpath(s, out_dir) for s in info.shards], info.samples,
-                                    info.has_masks) for name, info in manifest.splits.items()}
-    return write_manifest(out_dir, classes, {**existing, **splits})
+def _existing_splits(out_dir: str, classes: list[str]) -> dict[str, SplitInfo]:
+    """Splits already in `out_dir` (checked before writing anything: the classes must match)."""
+    if not os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+        return {}
+    manifest = read_manifest(out_dir)
+    if manifest.classes != classes:
+        raise DataError(f"{manifest.url} has classes {manifest.classes}, the new split has {classes}; "
+                        f"use another --out or pass --classes {','.join(manifest.classes)}")
+    return {name: SplitInfo([os.path.relpath(s, out_dir) for s in info.shards], info.samples, info.has_masks)
+            for name, info in manifest.splits.items()}
 
 
 def read_tags_csv(path: str, classes: list[str] | None = None) -> tuple[list[tuple[str, list[str]]], list[str]]:
@@ -112,6 +111,7 @@ def convert_folder(images_dir: str, tags_csv: str, out_dir: str, split: str, *, 
     if classes is None and os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
         classes = read_manifest(out_dir).classes  # adding a split to an existing data set
     rows, classes = read_tags_csv(tags_csv, classes)
+    existing = _existing_splits(out_dir, classes)
     index = {name: i for i, name in enumerate(classes)}
 
     def samples() -> Iterator[dict]:
@@ -125,7 +125,7 @@ def convert_folder(images_dir: str, tags_csv: str, out_dir: str, split: str, *, 
             yield make_sample(f"{split}-{number:06d}", jpg, meta, mask_png)
 
     info = _write_split(out_dir, split, samples(), len(rows), maxcount)
-    return _add_splits(out_dir, classes, {split: info})
+    return write_manifest(out_dir, classes, {**existing, split: info})
 
 
 def _voc_dir(root: str) -> str:
@@ -142,7 +142,7 @@ def convert_voc(root: str, out_dir: str, *, maxcount: int = 1000, splits: tuple[
     Tags are the classes present in each SegmentationClass mask; mask values (0..20, 255 border)
     already match our encoding."""
     voc = _voc_dir(root)
-    infos = {}
+    infos = _existing_splits(out_dir, VOC_CLASSES)
     for split in splits:
         list_path = os.path.join(voc, "ImageSets", "Segmentation", f"{split}.txt")
         try:
@@ -160,4 +160,4 @@ def convert_voc(root: str, out_dir: str, *, maxcount: int = 1000, splits: tuple[
                 yield make_sample(f"{split}-{image_id}", jpg, {"labels": present, "source": image_id}, mask_png)
 
         infos[split] = _write_split(out_dir, split, samples(), len(ids), maxcount)
-    return _add_splits(out_dir, VOC_CLASSES, infos)
+    return write_manifest(out_dir, VOC_CLASSES, infos)

@@ -88,5 +88,10 @@ class ShardWriter:
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._close_current()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._close_current()
+        elif self._tar is not None:  # failed: never leave a half-written shard under a final name
+            self._tar.close()
+            self._tar = None
+            os.remove(os.path.join(self.out_dir, self._name + ".tmp"))
