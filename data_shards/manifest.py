@@ -63,6 +63,8 @@ def manifest_url(url: str) -> str:
 def read_manifest(url: str) -> Manifest:
     """Read a manifest (path to manifest.json or to its folder); shard names become full paths."""
     path = manifest_url(os.fspath(url))
+    if path.startswith("file://"):
+        path = path[len("file://"):]
     try:
         with open_url(path, "rb") as f:
             raw = f.read()
