@@ -67,7 +67,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     toy.add_argument("--test", type=int, default=300, help="samples in each of test_aligned, test_conflict")
     toy.add_argument("--cache-dir", default=None,
                      help="Debian package cache (default $WSSSREC_CACHE/debian or ~/.cache/wsssrec/debian)")
-    toy.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    toy.add_argument("--maxcount", type=int, default=250,
+                     help="samples per shard (several shards per split, so ranks x workers all get some)")
     toy.set_defaults(func=_toy_birds)
 
     convert = commands.add_parser("convert", help="convert user data to shards")

@@ -316,7 +316,7 @@ def build_toy_birds(
     rho: float = 0.9,
     counts: dict[str, int] | None = None,
     cache_dir: str | None = None,
-    maxcount: int = 1000,
+    maxcount: int = 250,
     progress: bool = True,
 ) -> str:
     """Build toy-birds into `out_dir` (shards, then manifest.json); returns the manifest path."""
