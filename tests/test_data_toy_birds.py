@@ -158,3 +158,13 @@ def test_distractors_appear_with_and_without_birds(samples):
 def test_bird_mask_thresholds():
     alpha = np.array([[0, 31, 32, 127, 128, 223, 224, 255]], np.float32) / 255.0
     assert bird_mask(alpha).tolist() == [[0, 0, 255, 255, 255, 255, 1, 1]]
+
+
+def test_missing_apt_gives_an_actionable_error(tmp_path, monkeypatch):
+    from data_shards.manifest import DataError
+    from data_shards.toy_birds import fetch_sources
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get on PATH: the fetch must fail clearly
+    with pytest.raises(DataError, match=r"could not fetch Debian package tuxpaint-stamps-default .*apt-get is not "
+                                        r"installed(.|\n)*pass --cache-dir"):
+        fetch_sources(str(tmp_path / "cache"))
