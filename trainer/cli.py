@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from data_shards.manifest import DataError
+
 from .config import ConfigError, load_config
 
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"wsssrec: error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -77,6 +77,7 @@ class ObjectiveConfig:
     tv_weight: float = 0.5  # preserve_delete: weight of TV(M_fg), scaled by lambda_m
     edge_aware_tv: float = 0.0  # > 0: TV weight exp(-|∇I|·edge_aware_tv) (cuts allowed on image edges)
     recon_weight: float = 10.0
+    paste_weight: float = 0.0  # preserve_delete: background-swap consistency L_paste (0 = off)
     fill_sigma: float = 10.0  # preserve_delete: Gaussian-blur fill of deleted regions, in pixels
     fill: str = "blur"  # "blur" | "shuffle" (blurred image of another sample)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .classifier import classifier_accuracy
-from .config import Config
+from .config import Config, ConfigError
 from .data import dataset_classes, eval_batches, split_has_masks
 from .losses import mask_lets, reconstruction
 from .metrics import SegmentationMeter
@@ -78,6 +78,10 @@ def _pick_grid_indices(labels: torch.Tensor, want_pos: int, want_neg: int) -> li
 @torch.no_grad()
 def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_id: str | None = None,
              with_segmenter: bool = True) -> dict:
+    for split in cfg.eval.splits:  # fail before any work on an unknown split or one without masks
+        if not split_has_masks(cfg, split):
+            raise ConfigError(f"split {split!r} of {cfg.data.url} has no masks; eval.splits must name "
+                             "evaluation splits")
     init_distributed()
     set_threads(cfg.train.threads)
     out = run_dir(cfg) / "eval"
@@ -95,9 +99,6 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
                      "cam_threshold_split": cfg.eval.cam_split, "splits": {}}
     methods = (["method"] if model is not None else []) + ["CAM", *TRIVIAL]
     for split in cfg.eval.splits:
-        if not split_has_masks(cfg, split):
-            raise ValueError(f"split {split!r} of {cfg.data.url} has no masks; eval.splits must name "
-                             "evaluation splits")
         meters = {m: SegmentationMeter(num_labels) for m in methods}
         rows, pos_left, neg_left = [], (cfg.eval.grid_images + 1) // 2, cfg.eval.grid_images // 2
         areas = {"positive": [], "negative": []}

@@ -81,7 +81,7 @@ def L_cls(g: Classifier, M: torch.Tensor, V: torch.Tensor, y: torch.Tensor) -> t
 
 
 def paper_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
-                    training: bool = True) -> dict[str, torch.Tensor]:
+                    training: bool = True, segment=None) -> dict[str, torch.Tensor]:
     """L = L_recon + λ_m·L_mask + λ_c·L_cls."""
     M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
     X = out["imagelets"]
@@ -159,9 +159,34 @@ def L_tv(M_fg: torch.Tensor, I: torch.Tensor | None = None, edge_aware: float = 
     return dv.mean() + dh.mean()
 
 
+def pasted(M_fg: torch.Tensor, I: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """The masked object of I pasted onto another image: M_fg ⊙ I + (1 − M_fg) ⊙ background."""
+    return preserved(M_fg, I, background)
+
+
+def L_paste(segment: Callable[[torch.Tensor], dict], I: torch.Tensor, y: torch.Tensor, M_fg: torch.Tensor,
+            num_classes: int) -> torch.Tensor:
+    """Background-swap consistency (cut-and-paste, Remez et al. 2018): each positive image's object, cut out
+    by the current mask (no gradient), is pasted onto a negative image of the batch, and the mask network must
+    return the same (hardened) mask there. The training set pairs birds with water and negatives with land,
+    so these composites are exactly the pairings the bias hides; a mask that leans on the background fails
+    them. BCE averaged over pixels of the pasted images; 0 when the batch lacks positives or negatives."""
+    positive = y.sum(dim=1) > 0
+    if positive.all() or not positive.any():
+        return M_fg.sum() * 0.0
+    source = M_fg[positive].detach()
+    backgrounds = I[~positive]
+    backgrounds = backgrounds[torch.arange(source.shape[0], device=I.device) % backgrounds.shape[0]]
+    composite = pasted(source, I[positive], backgrounds)
+    M_new = foreground(mask_lets(segment(composite)["mask_logits"]), num_classes)
+    return bce(M_new, (source > 0.5).to(M_new.dtype)).mean()
+
+
 def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier,
-                              cfg: ObjectiveConfig, training: bool = True) -> dict[str, torch.Tensor]:
-    """L = λ_c·(L_preserve + L_delete) + λ_m·(area_weight·L_area + tv_weight·L_tv) + recon_weight·L_recon."""
+                              cfg: ObjectiveConfig, training: bool = True,
+                              segment: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
+    """L = λ_c·(L_preserve + L_delete) + λ_m·(area_weight·L_area + tv_weight·L_tv) + recon_weight·L_recon
+    + paste_weight·L_paste (the last only while training, given the mask network `segment`)."""
     C = y.shape[1]
     M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
     M_fg = foreground(M, C)
@@ -176,6 +201,9 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     terms["loss"] = (cfg.lambda_c * (terms["L_preserve"] + terms["L_delete"])
                      + cfg.lambda_m * (cfg.area_weight * terms["L_area"] + cfg.tv_weight * terms["L_tv"])
                      + cfg.recon_weight * terms["L_recon"])
+    if cfg.paste_weight > 0 and training and segment is not None:
+        terms["L_paste"] = L_paste(segment, I, y, M_fg, C)
+        terms["loss"] = terms["loss"] + cfg.paste_weight * terms["L_paste"]
     return terms
 
 
@@ -183,5 +211,5 @@ OBJECTIVES = {"paper": paper_objective, "preserve_delete": preserve_delete_objec
 
 
 def objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
-              training: bool = True) -> dict[str, torch.Tensor]:
-    return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training)
+              training: bool = True, segment: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
+    return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training, segment)

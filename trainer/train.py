@@ -88,7 +88,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None) -> Path:
             optimizer.add_param_group({"params": list(model.encoder.parameters()), "lr": cfg.train.lr * 0.1})
         batch = next(batches)
         images, labels = batch["image"], batch["labels"]
-        terms = objective(engine(images), images, labels, g, cfg.objective)
+        terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine)
         engine.backward(terms["loss"])
         engine.step()
         images_per_s = (step + 1 - start_step) * images.shape[0] * world / (time.time() - start)

@@ -1,0 +1,166 @@
+"""Every loss term against values computed by hand on tiny tensors."""
+import math
+
+import pytest
+import torch
+
+from trainer.config import ObjectiveConfig
+from trainer.losses import (L_area, L_cls, L_delete, L_mask, L_paste, L_preserve, L_recon, L_tv, cls_targets,
+                            deleted, foreground, gaussian_blur, mask_lets, objective, preserved,
+                            reconstruction)
+
+
+def _logit(p):
+    return math.log(p / (1 - p))
+
+
+def test_reconstruction_is_sum_of_masklets_times_imagelets():
+    M = torch.tensor([[[[0.25]], [[0.75]]]])  # B=1, K=2, 1×1
+    X = torch.tensor([[[[[1.0]], [[0.0]], [[0.5]]], [[[0.0]], [[1.0]], [[0.5]]]]])  # B, K, 3, 1, 1
+    I_hat = reconstruction(M, X)
+    assert I_hat.shape == (1, 3, 1, 1)
+    assert torch.allclose(I_hat.flatten(), torch.tensor([0.25, 0.75, 0.5]))
+
+
+def test_L_recon_is_mean_squared_error():
+    I_hat = torch.tensor([[[[0.0, 1.0]]]])
+    I = torch.tensor([[[[0.5, 0.5]]]])
+    assert L_recon(I_hat, I).item() == pytest.approx(0.25)
+
+
+def test_L_mask_by_hand():
+    # K = 2 (class 0, one background component), 2×1 pixels, two images: y = [1], [0]
+    M = torch.tensor([[[[0.5], [0.3]], [[0.5], [0.7]]],  # a = [0.4, 0.6]
+                      [[[0.1], [0.1]], [[0.9], [0.9]]]])  # a = [0.1, 0.9]
+    y = torch.tensor([[1.0], [0.0]])
+    img1 = -math.log(0.4) - math.log(0.6)  # class present → push area 0.4 up; background area 0.6 → 1
+    img2 = -math.log(0.9) - math.log(0.9)  # class absent: BCE(0.1, 0); background 0.9 → 1
+    assert L_mask(M, y).item() == pytest.approx((img1 + img2) / 2, rel=1e-5)
+
+
+def test_L_mask_sums_background_components():
+    # K = 3: class 0 and two background components whose areas add up
+    M = torch.tensor([[[[0.2]], [[0.5]], [[0.3]]]])
+    y = torch.tensor([[0.0]])
+    expected = -math.log(0.8) - math.log(0.8)
+    assert L_mask(M, y).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cls_targets_one_hot_for_present_classes_zero_for_background():
+    y = torch.tensor([[1.0, 0.0, 1.0]])
+    t = cls_targets(y, K=5)
+    expected = torch.zeros(1, 5, 3)
+    expected[0, 0, 0] = 1
+    expected[0, 2, 2] = 1
+    assert torch.equal(t, expected)
+
+
+def test_L_cls_by_hand_with_a_classifier_that_reads_mean_intensity():
+    # g(img) = logit of its mean → for M_k ⊙ V_k the "probability" is the masked mean
+    def g(images):
+        p = images.mean(dim=(1, 2, 3)).clamp(1e-4, 1 - 1e-4)
+        return torch.log(p / (1 - p)).unsqueeze(1)
+
+    M = torch.tensor([[[[0.8]], [[0.2]]]])
+    V = torch.ones(1, 2, 3, 1, 1)
+    y = torch.tensor([[1.0]])
+    # component 0: p = 0.8, target 1; background component 1: p = 0.2, target 0
+    expected = (-math.log(0.8) - math.log(0.8)) / 2
+    assert L_cls(g, M, V, y).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_mask_sampling_modes():
+    Z = torch.tensor([[[[2.0, -1.0]], [[0.0, 0.0]]]], requires_grad=True)
+    soft = mask_lets(Z, "soft")
+    assert torch.allclose(soft.sum(1), torch.ones(1, 1, 2))
+    hard = mask_lets(Z, "straight_through")
+    assert torch.equal(hard.detach(), torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]]))
+    hard[:, 0].sum().backward()
+    assert Z.grad.abs().sum() > 0  # straight-through: gradient of the softmax
+    gumbel = mask_lets(Z, "gumbel")
+    assert set(gumbel.detach().unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="mask_sampling"):
+        mask_lets(Z, "nope")
+
+
+def test_preserved_and_deleted_by_hand():
+    M_fg = torch.tensor([[[1.0, 0.25]]])
+    I = torch.tensor([[[[1.0, 1.0]]]])
+    F = torch.tensor([[[[0.0, 0.0]]]])
+    assert torch.allclose(preserved(M_fg, I, F), torch.tensor([[[[1.0, 0.25]]]]))
+    assert torch.allclose(deleted(M_fg, I, F), torch.tensor([[[[0.0, 0.75]]]]))
+
+
+def test_preserve_delete_classifier_terms():
+    def g(images):  # constant logit log(3) → p = 0.75
+        return torch.full((images.shape[0], 1), math.log(3.0))
+
+    P = torch.zeros(2, 3, 4, 4)
+    y = torch.tensor([[1.0], [0.0]])
+    assert L_preserve(g, P, y).item() == pytest.approx((-math.log(0.75) - math.log(0.25)) / 2, rel=1e-5)
+    assert L_delete(g, P).item() == pytest.approx(-math.log(0.25), rel=1e-5)
+
+
+def test_area_and_tv_by_hand():
+    M_fg = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    assert L_area(M_fg).item() == pytest.approx(0.5)
+    # vertical differences: 0, 0 → mean 0; horizontal: 1, 1 → mean 1
+    assert L_tv(M_fg).item() == pytest.approx(1.0)
+    # edge-aware: an image edge exactly where the mask changes lowers the cost by exp(-s·|ΔI|)
+    I = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]] * 3]).reshape(1, 3, 2, 2)
+    assert L_tv(M_fg, I, edge_aware=2.0).item() == pytest.approx(math.exp(-2.0), rel=1e-5)
+
+
+def test_foreground_sums_class_components_only():
+    M = torch.tensor([[[[0.2]], [[0.3]], [[0.5]]]])  # C = 2 classes, 1 background component
+    assert foreground(M, 2).item() == pytest.approx(0.5)
+
+
+def test_gaussian_blur_keeps_constants_and_smooths_edges():
+    const = torch.full((1, 3, 16, 16), 0.3)
+    assert torch.allclose(gaussian_blur(const, 2.0), const, atol=1e-6)
+    step = torch.zeros(1, 1, 16, 16)
+    step[..., 8:] = 1
+    blurred = gaussian_blur(step, 2.0)
+    assert 0.3 < blurred[0, 0, 0, 8].item() < 0.7
+    assert blurred.sum().item() == pytest.approx(step.sum().item(), rel=0.02)
+
+
+def test_L_paste_targets_the_hardened_source_mask_on_negative_backgrounds():
+    I = torch.rand(2, 3, 4, 4)
+    y = torch.tensor([[1.0], [0.0]])
+    M_fg = torch.zeros(2, 4, 4)
+    M_fg[0, :2] = 0.9  # the positive image's mask: top half
+    seen = {}
+
+    def segment(images):
+        seen["images"] = images
+        logits = torch.zeros(images.shape[0], 2, 4, 4)  # p = 0.5 everywhere
+        return {"mask_logits": logits}
+
+    value = L_paste(segment, I, y, M_fg, num_classes=1)
+    assert value.item() == pytest.approx(math.log(2), rel=1e-5)  # BCE(0.5, t) = log 2 for any t
+    composite = seen["images"][0]
+    assert torch.allclose(composite[:, 2:], I[1, :, 2:])  # bottom: the negative image
+    assert torch.allclose(composite[:, :2], 0.9 * I[0, :, :2] + 0.1 * I[1, :, :2])
+    # no negatives in the batch → 0
+    assert L_paste(segment, I, torch.ones(2, 1), M_fg, 1).item() == 0.0
+
+
+def test_objective_totals_are_weighted_sums_of_their_terms():
+    torch.manual_seed(0)
+    out = {"mask_logits": torch.randn(2, 2, 8, 8), "imagelets": torch.rand(2, 2, 3, 8, 8)}
+    I, y = torch.rand(2, 3, 8, 8), torch.tensor([[1.0], [0.0]])
+
+    def g(images):
+        return images.mean(dim=(1, 2, 3)).unsqueeze(1)
+
+    paper = ObjectiveConfig(preset="paper", lambda_m=0.1, lambda_c=0.01)
+    t = objective(out, I, y, g, paper)
+    assert t["loss"].item() == pytest.approx((t["L_recon"] + 0.1 * t["L_mask"] + 0.01 * t["L_cls"]).item())
+    pd = ObjectiveConfig(preset="preserve_delete", lambda_m=2.0, lambda_c=3.0, area_weight=8, tv_weight=0.5,
+                         recon_weight=10)
+    t = objective(out, I, y, g, pd)
+    expected = (3.0 * (t["L_preserve"] + t["L_delete"]) + 2.0 * (8 * t["L_area"] + 0.5 * t["L_tv"])
+                + 10 * t["L_recon"])
+    assert t["loss"].item() == pytest.approx(expected.item(), rel=1e-6)

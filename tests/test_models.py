@@ -1,0 +1,126 @@
+"""The networks: g's pretrained weights load and classify birds, the frozen g never changes in stage 2,
+shapes and sizes of the segmenter for every encoder, and clear errors for sizes it cannot take."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_trunk
+from trainer.losses import objective
+from trainer.models import FrozenClassifier, Segmenter, component_to_label, count_parameters
+
+IMAGENET_BIRDS = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))
+
+
+@pytest.fixture(scope="module")
+def imagenet_g():
+    net = EfficientNetLite0()
+    load_trunk(net, imagenet_lite0_state_dict())
+    return net.eval()
+
+
+def test_imagenet_weights_match_the_reference_implementation(imagenet_g):
+    from efficientnet_lite_pytorch import EfficientNet  # the lukemelas-style package the weights were made for
+
+    ref = EfficientNet.from_name("efficientnet-lite0")
+    ref.load_state_dict(imagenet_lite0_state_dict())
+    ref.eval()
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(imagenet_g(x), ref(imagenet_g.normalize(x)), atol=1e-4)
+
+
+def _cutout_on_white(path, size=224):
+    from PIL import Image
+
+    im = Image.open(path).convert("RGBA")
+    im.thumbnail((size * 9 // 10, size * 9 // 10))
+    canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
+    canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2), im)
+    return torch.from_numpy(np.array(canvas.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def test_pretrained_g_knows_birds_zero_shot(imagenet_g):
+    """The shipped ImageNet weights, loaded into our module, name the bird cut-outs of toy-birds as birds
+    and the distractor cut-outs (fruit, vehicles) as something else."""
+    import glob
+    import os
+
+    from data_shards.toy_birds import fetch_sources
+
+    share = fetch_sources()
+    birds = sorted(glob.glob(os.path.join(share, "tuxpaint/stamps/animals/birds/*.png")))
+    others = sorted(glob.glob(os.path.join(share, "tuxpaint/stamps/food/fruit/*.png")))[:15] + \
+        sorted(glob.glob(os.path.join(share, "tuxpaint/stamps/vehicles/**/*.png"), recursive=True))[:15]
+    assert len(birds) >= 30 and len(others) >= 20
+    with torch.no_grad():
+        bird_hits = [int(imagenet_g(_cutout_on_white(p)[None]).argmax()) in IMAGENET_BIRDS for p in birds]
+        other_hits = [int(imagenet_g(_cutout_on_white(p)[None]).argmax()) in IMAGENET_BIRDS for p in others]
+    assert np.mean(bird_hits) >= 0.9  # measured: 35 of 35
+    assert np.mean(other_hits) <= 0.1
+
+
+def test_frozen_g_keeps_eval_mode_statistics_and_gets_no_gradient():
+    net = EfficientNetLite0(num_classes=1)
+    g = FrozenClassifier(net)
+    cfg = load_config("configs/toy_birds.yaml")
+    model = Segmenter(cfg.model, 1, trunk=net)
+    before = copy.deepcopy(net.state_dict())
+    holder = torch.nn.ModuleDict({"segmenter": model, "g": g})
+    holder.train()  # reaches everything
+    assert not g.training and not net.training
+    assert all(not m.training for m in net.modules())
+    assert not model.encoder.trunk.training  # the frozen encoder copy stays in eval mode too
+    opt = torch.optim.Adam([p for p in holder.parameters() if p.requires_grad], lr=0.1)
+    images, labels = torch.rand(4, 3, 64, 64), torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    for _ in range(2):
+        terms = objective(model(images), images, labels, g, cfg.objective, segment=model)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+    assert all(p.grad is None for p in net.parameters())
+    after = net.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key  # BatchNorm running statistics included
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mask_decoder.parameters())
+
+
+@pytest.mark.parametrize("encoder, head", [("efficientnet", "lowres"), ("efficientnet", "full"),
+                                           ("unet", "full"), ("unet", "lowres")])
+@pytest.mark.parametrize("K", [0, 4])
+def test_segmenter_shapes(encoder, head, K):
+    cfg = load_config(None, [f"model.encoder={encoder}", f"model.imagelet_head={head}", f"model.K={K}",
+                             "model.width=8", "model.depth=3", "model.imagelet_stride=4"])
+    model = Segmenter(cfg.model, 2, trunk=EfficientNetLite0(num_classes=2))
+    out = model(torch.rand(2, 3, 64, 64))
+    k = K or 3
+    assert out["mask_logits"].shape == (2, k, 64, 64)
+    assert out["imagelets"].shape == (2, k, 3, 64, 64)
+    assert 0 <= out["imagelets"].min() and out["imagelets"].max() <= 1
+
+
+def test_image_size_the_network_cannot_take_is_a_clear_error():
+    cfg = load_config(None)
+    model = Segmenter(cfg.model, 1, trunk=EfficientNetLite0(num_classes=1))
+    with pytest.raises(ValueError, match=r"image size 100×100 does not fit this encoder: both sides must be "
+                                         r"multiples of 32"):
+        model(torch.rand(1, 3, 100, 100))
+
+
+def test_K_below_C_plus_1_is_rejected():
+    cfg = load_config(None, ["model.K=2"])
+    with pytest.raises(ValueError, match="K must be ≥ C \\+ 1"):
+        Segmenter(cfg.model, 2, trunk=EfficientNetLite0(num_classes=2))
+
+
+def test_component_to_label_maps_extra_background_components_to_zero():
+    components = torch.tensor([[0, 1, 2, 3, 4]])
+    assert component_to_label(components, 2).tolist() == [[1, 2, 0, 0, 0]]
+
+
+def test_reference_model_has_about_30M_parameters():
+    cfg = load_config("configs/reference_224.yaml")
+    n = count_parameters(Segmenter(cfg.model, 1))
+    assert 25e6 < n < 35e6
