@@ -164,3 +164,29 @@ def test_objective_totals_are_weighted_sums_of_their_terms():
     expected = (3.0 * (t["L_preserve"] + t["L_delete"]) + 2.0 * (8 * t["L_area"] + 0.5 * t["L_tv"])
                 + 10 * t["L_recon"])
     assert t["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_L_pseudo_maps_labels_to_components():
+    from trainer.losses import L_pseudo
+
+    Z = torch.tensor([[[[math.log(3.0)]], [[0.0]]]])  # component 0 (class): p = 0.75
+    assert L_pseudo(Z, torch.tensor([[[1]]]), 1).item() == pytest.approx(-math.log(0.75), rel=1e-5)
+    assert L_pseudo(Z, torch.tensor([[[0]]]), 1).item() == pytest.approx(-math.log(0.25), rel=1e-5)
+
+
+def test_cam_pseudo_labels_come_from_tag_gated_cam():
+    from trainer.cam import cam_labels, cam_scores
+
+    class FakeG:
+        def cam(self, images):
+            maps = torch.zeros(images.shape[0], 1, 2, 2)
+            maps[:, 0, 0, 0] = 4.0
+            maps[:, 0, 1, 1] = -1.0
+            return torch.full((images.shape[0], 1), -5.0), maps  # g itself says "absent"
+
+    images = torch.zeros(2, 3, 2, 2)
+    by_g = cam_scores(FakeG(), images)
+    assert by_g.sum() == 0  # gated by g's prediction
+    by_tag = cam_scores(FakeG(), images, tags=torch.tensor([[1.0], [0.0]]))
+    assert by_tag[0, 0, 0, 0] == pytest.approx(1.0) and by_tag[0, 0, 1, 1] == 0 and by_tag[1].sum() == 0
+    assert cam_labels(by_tag, 0.5).tolist() == [[[1, 0], [0, 0]], [[0, 0], [0, 0]]]

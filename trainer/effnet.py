@@ -84,6 +84,22 @@ class EfficientNetLite0(nn.Module):
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
 
+    def freeze_trunk(self) -> None:
+        """Train only the `_fc` head (a linear probe): the trunk keeps its weights and its BatchNorm
+        statistics (eval mode whatever `.train()` says)."""
+        self.trunk_frozen = True
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith("_fc."))
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "EfficientNetLite0":
+        super().train(mode)
+        if getattr(self, "trunk_frozen", False):
+            for name, module in self.named_children():
+                if name not in ("_fc", "_dropout"):
+                    module.train(False)
+        return self
+
     @staticmethod
     def normalize(images: torch.Tensor) -> torch.Tensor:
         """[0,1] RGB → the (x·255 − 127)/128 input range of the TF-Lite-trained weights."""

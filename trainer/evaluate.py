@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from .cam import cam_labels, cam_scores
 from .classifier import classifier_accuracy
 from .config import Config, ConfigError
 from .data import dataset_classes, eval_batches, split_has_masks
@@ -25,21 +25,6 @@ from .viz import grid_row, save_grid
 log = logging.getLogger(__name__)
 CAM_THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
 TRIVIAL = ("all-background", "all-foreground")
-
-
-def cam_scores(g, images: torch.Tensor) -> torch.Tensor:
-    """B×C×H×W CAM in [0,1]: ReLU, normalised by each map's maximum, upsampled, zero where g says the class is
-    absent (σ < 0.5)."""
-    logits, maps = g.cam(images)
-    maps = F.relu(maps)
-    maps = maps / maps.flatten(2).amax(dim=2).clamp_min(1e-6)[:, :, None, None]
-    maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    return maps * (torch.sigmoid(logits) > 0.5).float()[:, :, None, None]
-
-
-def cam_labels(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    best, cls = scores.max(dim=1)
-    return torch.where(best > threshold, cls + 1, torch.zeros_like(cls))
 
 
 def trivial_labels(name: str, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

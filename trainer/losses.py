@@ -207,7 +207,29 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     return terms
 
 
-OBJECTIVES = {"paper": paper_objective, "preserve_delete": preserve_delete_objective}
+# ------------------------------------------------------------------------- two-stage baseline: CAM pseudo-labels
+def L_pseudo(Z: torch.Tensor, pseudo_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Cross-entropy of the components against a label map (label c + 1 → component c, 0 → the first
+    background component C)."""
+    target = torch.where(pseudo_labels > 0, pseudo_labels - 1, torch.full_like(pseudo_labels, num_classes))
+    return F.cross_entropy(Z, target)
+
+
+def cam_pseudo_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g, cfg: ObjectiveConfig,
+                         training: bool = True, segment=None) -> dict[str, torch.Tensor]:
+    """The classic two-stage WSSS baseline: g's CAM, gated by the image-level tags and thresholded at
+    `cam_threshold`, is the pixel label the segmenter learns (no reconstruction, no classifier guidance)."""
+    from .cam import cam_labels, cam_scores
+
+    with torch.no_grad():
+        pseudo = cam_labels(cam_scores(g, I, tags=y), cfg.cam_threshold)
+    terms = {"L_pseudo": L_pseudo(out["mask_logits"], pseudo, y.shape[1])}
+    terms["loss"] = terms["L_pseudo"]
+    return terms
+
+
+OBJECTIVES = {"paper": paper_objective, "preserve_delete": preserve_delete_objective,
+              "cam_pseudo": cam_pseudo_objective}
 
 
 def objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,

@@ -106,6 +106,11 @@ class Segmenter(nn.Module):
         if self.K < num_classes + 1:
             raise ValueError(f"model.K = {cfg.K} but the data set has C = {num_classes} classes: K must be ≥ C + 1")
         if cfg.encoder == "efficientnet":
+            if cfg.encoder_init == "imagenet":  # the trunk before stage 1: it never saw the biased data
+                from .effnet import imagenet_lite0_state_dict, load_trunk
+
+                trunk = EfficientNetLite0()
+                load_trunk(trunk, imagenet_lite0_state_dict())
             if trunk is None:
                 raise ValueError("model.encoder 'efficientnet' needs g's trunk")
             self.encoder = EfficientNetEncoder(trunk, trainable=cfg.encoder_trainable)

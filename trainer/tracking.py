@@ -16,6 +16,7 @@ class Tracker:
     def __init__(self, cfg: Config, run_name: str, active: bool = True, parent_run_id: str | None = None):
         self.active = active and cfg.mlflow.enabled
         self.run_id: str | None = None
+        self.pending: list = []
         if not self.active:
             return
         import mlflow
@@ -46,9 +47,19 @@ class Tracker:
         import time
 
         now = int(time.time() * 1000)
-        entities = [self.mlflow.entities.Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        for chunk in _chunks(entities, 500):
-            self.client.log_batch(self.run_id, metrics=chunk)
+        self.pending += [self.mlflow.entities.Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send buffered metrics; on a tracking-store error keep them for the next call (training goes on)."""
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[:500])
+                self.pending = self.pending[500:]
+        except Exception as err:  # noqa: BLE001 - any store/network failure must not stop training
+            log.warning("MLflow logging failed (%s); %d metrics kept for retry", err, len(self.pending))
+            return False
+        return True
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         if self.active:
@@ -61,6 +72,7 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.active and self.run_id:
+            self.flush()
             self.client.set_terminated(self.run_id, status)
             self.active = False
 
