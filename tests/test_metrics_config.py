@@ -64,7 +64,7 @@ def test_config_base_inheritance():
     ("train.stepz=3", "unknown config key 'train.stepz'"),
     ("nosection.x=1", "unknown config key 'nosection'"),
     ("train.steps=many", "'train.steps' expects int"),
-    ("objective.preset=magic", "'objective.preset' is 'magic'; expected one of paper, preserve_delete"),
+    ("objective.preset=magic", "'objective.preset' is 'magic'; expected one of paper, preserve_delete, cam_pseudo"),
     ("data.image_size=0", "'data.image_size' must be positive"),
     ("train.steps", "not of the form key.sub=value"),
 ])

@@ -76,8 +76,17 @@ def cmd_demo(args) -> None:
         print(f"grid {split}: {res['grid']}")
 
 
+def cmd_report(args) -> None:
+    from .report import main as report_main
+
+    report_main([args.runs_dir, *(["--order", *args.order] if args.order else []),
+                 *(["--baselines-from", args.baselines_from] if args.baselines_from else [])])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsssrec", description=__doc__)
+    # `deepspeed --module trainer ...` puts --local_rank=N before the subcommand
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     from data_shards.cli import register
 
@@ -97,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--retrain-classifier", action="store_true", help="train g even if its checkpoint exists")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("report", help="one table (mean ± std over seeds) over evaluated runs in a folder")
+    p.add_argument("runs_dir")
+    p.add_argument("--order", nargs="*", help="setting names in table order")
+    p.add_argument("--baselines-from", help="setting whose runs give the CAM and trivial rows")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -59,7 +59,9 @@ class ModelConfig:
     depth: int = 4  # unet encoder: number of ×2 downsamplings
     decoder_widths: list = field(default_factory=lambda: [64, 48, 32, 24, 16])
     bottleneck: int = 96  # 1×1 projection of the deepest features
-    imagelet_head: str = "lowres"  # "full" (a second U-Net decoder, paper) | "lowres" (1×1 conv, upsampled)
+    imagelet_head: str = "lowres"  # "full" (second U-Net decoder, paper) | "lowres" (1×1 conv, upsampled)
+    #                                 | "local_mean" (no parameters: local mean colour of each component)
+    imagelet_sigma: float = 8.0  # local_mean: Gaussian window of the local mean, in pixels
     imagelet_stride: int = 8  # lowres image-lets are predicted at image_size / imagelet_stride
     encoder_init: str = "g"  # efficientnet encoder weights: "g" (fine-tuned trunk) | "imagenet" (before stage 1)
     encoder_trainable: bool = False
@@ -136,7 +138,7 @@ class Config:
 
 CHOICES = {
     "model.encoder": ("unet", "efficientnet"),
-    "model.imagelet_head": ("full", "lowres"),
+    "model.imagelet_head": ("full", "lowres", "local_mean"),
     "model.encoder_init": ("g", "imagenet"),
     "classifier.train_layers": ("all", "head"),
     "objective.preset": ("paper", "preserve_delete", "cam_pseudo"),

@@ -123,8 +123,11 @@ class Segmenter(nn.Module):
         self.mask_decoder = UNetDecoder(enc, widths, bottleneck, self.K)  # f_m
         self.imagelet_head = cfg.imagelet_head
         self.imagelet_stride = cfg.imagelet_stride
+        self.imagelet_sigma = cfg.imagelet_sigma
         if cfg.imagelet_head == "full":  # f_x: a second decoder on the shared encoder (paper)
             self.imagelet_decoder = UNetDecoder(enc, widths, bottleneck, 3 * self.K)
+        elif cfg.imagelet_head == "local_mean":  # f_x without parameters: X_k redraws region k from its own pixels
+            self.imagelet_decoder = None
         else:  # f_x: 1×1 conv on the mask decoder's coarse map; low frequency so it cannot copy the image
             strides = [2 ** (len(enc) - 2 - i) for i in range(len(widths))]
             if cfg.imagelet_stride not in strides:
@@ -141,18 +144,35 @@ class Segmenter(nn.Module):
         self.check_size(*images.shape[-2:])
         feats = self.encoder(images)
         mask_logits, maps = self.mask_decoder(feats)
+        b, _, h, w = images.shape
+        if self.imagelet_head == "local_mean":
+            return {"mask_logits": mask_logits,
+                    "imagelets": local_mean_imagelets(torch.softmax(mask_logits, dim=1), images, self.imagelet_sigma)}
         if self.imagelet_head == "full":
             raw, _ = self.imagelet_decoder(feats)
         else:
             raw = F.interpolate(self.imagelet_decoder(maps[self.imagelet_stride]), size=images.shape[-2:],
                                 mode="bilinear", align_corners=False)
-        b, _, h, w = images.shape
         imagelets = torch.sigmoid(raw).view(b, self.K, 3, h, w)
         return {"mask_logits": mask_logits, "imagelets": imagelets}
 
     def predict_labels(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """argmax_k Z → labels: background components → 0, class component c < C → c + 1."""
         return component_to_label(mask_logits.argmax(dim=1), self.num_classes)
+
+
+def local_mean_imagelets(M: torch.Tensor, images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """X_k = G_σ * (M_k ⊙ I) / G_σ * M_k: the local mean colour of component k's own pixels (ReDO's "redraw
+    each region from itself", at the lowest capacity). Î = Σ_k M_k X_k then matches I only where each pixel
+    sits in the component whose local colour it shares, so L_recon pulls mask edges onto colour edges (a local
+    Chan-Vese energy, Lankton & Tannenbaum 2008)."""
+    from .losses import gaussian_blur
+
+    B, K, H, W = M.shape
+    weighted = (M.unsqueeze(2) * images.unsqueeze(1)).reshape(B, K * 3, H, W)
+    num = gaussian_blur(weighted, sigma).view(B, K, 3, H, W)
+    den = gaussian_blur(M, sigma).unsqueeze(2)
+    return (num / den.clamp_min(1e-4)).clamp(0, 1)
 
 
 def component_to_label(components: torch.Tensor, num_classes: int) -> torch.Tensor:
