@@ -1,10 +1,12 @@
-"""`wsssrec data ...` subcommands: build toy-birds, convert user data, list a data set."""
+"""`wsssrec data ...` subcommands: build toy-birds, convert user data, upload and list a data set.
+
+Every OUT / MANIFEST argument takes a local folder or an s3://bucket/prefix (credentials and endpoint from
+the standard AWS environment: AWS_ENDPOINT_URL, AWS_PROFILE, ...)."""
 from __future__ import annotations
 
 import argparse
-import os
 
-from .manifest import DataError, read_manifest
+from .manifest import DataError, read_manifest, url_sizes
 
 
 def _toy_birds(args: argparse.Namespace) -> None:
@@ -39,17 +41,30 @@ def _print_manifest(url: str) -> None:
     manifest = read_manifest(url)
     print(f"manifest {manifest.url}")
     print(f"classes ({len(manifest.classes)}): {', '.join(manifest.classes)}")
+    sizes = url_sizes([s for info in manifest.splits.values() for s in info.shards])
+    missing = [url for url, size in sizes.items() if size is None]
     total_bytes = 0
     for name, info in manifest.splits.items():
-        size = sum(os.path.getsize(s) for s in info.shards if os.path.exists(s))
+        size = sum(sizes[s] or 0 for s in info.shards)
         total_bytes += size
         print(f"  {name:<16} {info.samples:>8} samples {len(info.shards):>4} shards {size / 1e6:>9.2f} MB"
               f"  masks: {'yes' if info.has_masks else 'no'}")
+    if missing:
+        print(f"MISSING {len(missing)} shard(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     print(f"total {sum(i.samples for i in manifest.splits.values())} samples, {total_bytes} bytes")
 
 
 def _ls(args: argparse.Namespace) -> None:
     _print_manifest(args.manifest)
+
+
+def _upload(args: argparse.Namespace) -> None:
+    from .writer import copy_dataset
+
+    path = copy_dataset(args.source, args.dest, overwrite=args.overwrite,
+                        progress=lambda src, dst: print(f"copied {src} -> {dst}", flush=True))
+    print(f"wrote manifest {path} (last)")
+    _print_manifest(path)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -58,7 +73,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     commands = data.add_subparsers(dest="data_command", required=True)
 
     toy = commands.add_parser("toy-birds", help="build the toy-birds data set (fetches Debian packages)")
-    toy.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    toy.add_argument("--out", required=True, help="output folder or s3:// prefix for shards and manifest.json")
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--size", type=int, default=96, help="image side in pixels")
     toy.add_argument("--rho", type=float, default=0.9, help="P(water | bird) = P(land | no bird) in train/val")
@@ -76,7 +91,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     folder = kinds.add_parser("folder", help="an image folder with a tags CSV (columns image,labels)")
     folder.add_argument("--images", required=True, help="image folder")
     folder.add_argument("--tags", required=True, help="CSV with columns image,labels (class names, ';' or space)")
-    folder.add_argument("--out", required=True)
+    folder.add_argument("--out", required=True, help="output folder or s3:// prefix")
     folder.add_argument("--split", required=True, help="split name, e.g. train or val")
     folder.add_argument("--masks", default=None, help="mask folder (same stem, .png) for an evaluation split")
     folder.add_argument("--classes", default=None, help="comma-separated class names (default: sorted union)")
@@ -84,13 +99,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     folder.set_defaults(func=_convert_folder)
     voc = kinds.add_parser("voc", help="PASCAL VOC 2012 (JPEGImages, ImageSets/Segmentation, SegmentationClass)")
     voc.add_argument("--root", required=True)
-    voc.add_argument("--out", required=True)
+    voc.add_argument("--out", required=True, help="output folder or s3:// prefix")
     voc.add_argument("--maxcount", type=int, default=1000)
     voc.set_defaults(func=_convert_voc)
 
     ls = commands.add_parser("ls", help="show a data set's classes, splits and sizes")
-    ls.add_argument("manifest", help="manifest.json or the folder holding it")
+    ls.add_argument("manifest", help="manifest.json or the folder holding it (local or s3://)")
     ls.set_defaults(func=_ls)
+
+    upload = commands.add_parser("upload", help="copy a data set to s3:// (shards first, manifest last)")
+    upload.add_argument("source", help="local data set: its folder or manifest.json")
+    upload.add_argument("dest", help="destination prefix, e.g. s3://bucket/datasets/toy-birds")
+    upload.add_argument("--overwrite", action="store_true", help="replace a data set already at DEST")
+    upload.set_defaults(func=_upload)
     return data
 
 

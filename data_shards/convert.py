@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .manifest import MANIFEST_NAME, DataError, SplitInfo, read_manifest, write_manifest
+from .manifest import (MANIFEST_NAME, DataError, SplitInfo, join_url, read_manifest, relative_name, url_exists,
+                       write_manifest)
 from .writer import ShardWriter, encode_jpeg, encode_mask_png, make_sample
 
 VOC_CLASSES = [
@@ -67,13 +68,14 @@ def _write_split(out_dir: str, split: str, samples: Iterable[dict], total: int, 
 
 def _existing_splits(out_dir: str, classes: list[str]) -> dict[str, SplitInfo]:
     """Splits already in `out_dir` (checked before writing anything: the classes must match)."""
-    if not os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+    if not url_exists(join_url(out_dir, MANIFEST_NAME)):
         return {}
     manifest = read_manifest(out_dir)
     if manifest.classes != classes:
         raise DataError(f"{manifest.url} has classes {manifest.classes}, the new split has {classes}; "
                         f"use another --out or pass --classes {','.join(manifest.classes)}")
-    return {name: SplitInfo([os.path.relpath(s, out_dir) for s in info.shards], info.samples, info.has_masks)
+    return {name: SplitInfo([relative_name(s, out_dir) for s in info.shards], info.samples, info.has_masks,
+                            info.shard_samples)
             for name, info in manifest.splits.items()}
 
 
@@ -108,7 +110,7 @@ def convert_folder(images_dir: str, tags_csv: str, out_dir: str, split: str, *, 
         raise DataError(f"image folder {images_dir} does not exist")
     if masks_dir is not None and not os.path.isdir(masks_dir):
         raise DataError(f"mask folder {masks_dir} does not exist")
-    if classes is None and os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+    if classes is None and url_exists(join_url(out_dir, MANIFEST_NAME)):
         classes = read_manifest(out_dir).classes  # adding a split to an existing data set
     rows, classes = read_tags_csv(tags_csv, classes)
     existing = _existing_splits(out_dir, classes)

@@ -1,29 +1,39 @@
 """Streaming reader for our shards (open_clip style WebDataset pipeline) that yields ready batches.
 
 Train mode: deterministic shard shuffle by (seed, epoch) -> split by node -> split by worker -> tar
-reading that drops `mask.png` members unread -> sample shuffle on raw bytes -> decode -> flip -> full
-batches, a fixed number per worker. Eval mode: every sample once, in shard order, last batch partial.
-Corrupt samples are skipped and counted per reason in `dataset.skipped`, never raised.
+reading (local or s3://) that drops `mask.png` members unread -> sample shuffle on raw bytes -> decode ->
+flip -> full batches, the same number on every worker of every rank. Two ways to get there: `exact`
+(each sample once per epoch, then padded with flagged repeats or cut to the common count) and `resampled`
+(shards drawn with replacement). Eval mode: every sample once, in shard order, last batch partial.
+Corrupt samples are skipped and counted per reason in `dataset.skipped`, never raised; a missing shard,
+bucket or bad credentials raise a DataError naming the URL.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import math
 import multiprocessing
 import random
 import zlib
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
+from . import s3
 from .manifest import DataError, read_manifest
 
 log = logging.getLogger(__name__)
+s3.register_with_webdataset()  # at import, so DataLoader workers (forked or spawned) have it too
 
 SKIP_REASONS = ("tar", "missing", "image", "json", "mask")
+SAMPLING_MODES = ("exact", "resampled")
+BALANCE_MODES = ("pad", "drop")
 
 
 class SampleError(Exception):
@@ -59,13 +69,11 @@ class SkipCounter:
         return sum(self._counts[:])
 
     def tar_handler(self, exn: Exception) -> bool:
+        if isinstance(exn, DataError):  # missing object or bucket, credentials, endpoint gone: not bad data
+            raise DataError(exn.message) from None
+        if isinstance(exn, FileNotFoundError):
+            raise DataError(f"shard {exn.filename} does not exist (it is listed in the manifest)") from None
         self.add("tar", repr(exn))
-        return True
-
-    def sample_handler(self, exn: Exception) -> bool:
-        if not isinstance(exn, SampleError):
-            raise exn  # a bug, not bad data: let it surface
-        self.add(exn.reason, str(exn))
         return True
 
 
@@ -124,89 +132,174 @@ def collate(samples: list[dict]) -> dict:
         "labels": torch.from_numpy(np.stack([s["labels"] for s in samples])),
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
+        "padded": torch.tensor([s.get("padded", False) for s in samples], dtype=torch.bool),
     }
     if "mask" in samples[0]:
         batch["mask"] = torch.from_numpy(np.stack([s["mask"] for s in samples]).astype(np.int64))
     return batch
 
 
-class ShardDataset(wds.DataPipeline):
-    """One split as an IterableDataset of batches; use `set_epoch` between epochs in train mode."""
+def reader_shards(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+    """The shards one reader gets: `split_by_node` (every world_size-th from rank), then `split_by_worker`."""
+    return urls[rank::world_size][worker::num_workers]
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """One split as an IterableDataset of batches; call `set_epoch` between epochs in train mode.
+
+    `len(dataset)` (== `num_batches`) is the batch count of this rank for the epoch: the same on every rank
+    in train mode, so DDP never waits on a rank that ran dry."""
 
     def __init__(self, manifest_url: str, split: str, *, image_size: int, batch_size: int, train: bool,
                  seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, sampling: str = "exact", balance: str = "pad",
+                 shard_by_rank: bool | None = None):
+        super().__init__()
         self.image_size = _positive_int("image_size", image_size)
         self.batch_size = _positive_int("batch_size", batch_size)
+        if sampling not in SAMPLING_MODES:
+            raise DataError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
+        if balance not in BALANCE_MODES:
+            raise DataError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {balance!r}")
+        if sampling == "resampled" and not train:
+            raise DataError("sampling='resampled' is for training; evaluation reads every sample once (exact)")
         self.manifest = read_manifest(manifest_url)
         self.split = split
         self.info = self.manifest.split(split)
-        self.train, self.seed, self.epoch = train, seed, epoch
+        self.train, self.seed = train, seed
+        self.sampling, self.balance = sampling, balance
         self.hflip = train if hflip is None else hflip
         self.with_mask = (not train) and self.info.has_masks
         self.shuffle_buffer = shuffle_buffer
+        self.num_workers = max(1, num_workers)  # readers per rank (the main process counts as one)
         self.skipped = SkipCounter()
-        self._pass = 0
-        stages = [
-            self._shard_urls,
-            wds.split_by_node,
-            wds.split_by_worker,
-            # Train mode never reads mask members: no mask reaches, or is decoded for, a training batch.
-            wds.tarfile_to_samples(handler=self.skipped.tar_handler, select_files=_not_mask if train else None),
-        ]
-        if train and shuffle_buffer > 1:
-            stages.append(self._shuffle_samples)
-        stages += [
-            wds.map(self._decode, handler=self.skipped.sample_handler),
-            wds.batched(self.batch_size, collation_fn=collate, partial=not train),
-        ]
-        super().__init__(*stages)
-
-        rank, world_size, _, _ = wds.utils.pytorch_worker_info()
-        workers = max(1, num_workers)
-        if len(self.info.shards) < world_size * workers:
+        self.shard_by_rank = train if shard_by_rank is None else shard_by_rank
+        self.rank, self.world_size, _, _ = wds.utils.pytorch_worker_info()
+        if not self.shard_by_rank:  # every rank reads the whole split (e.g. rank 0 evaluates alone)
+            self.rank, self.world_size = 0, 1
+        readers = self.world_size * self.num_workers
+        if len(self.info.shards) < readers:
+            if train and sampling == "exact":
+                raise DataError(
+                    f"split {split!r} of {self.manifest.url} has {len(self.info.shards)} shard(s) for "
+                    f"{self.world_size} rank(s) x {self.num_workers} worker(s) = {readers} readers; exact "
+                    f"sampling needs at least one shard per reader (write smaller shards with --maxcount, "
+                    f"use fewer workers, or sampling='resampled')")
             log.warning("split %r has %d shards for %d rank(s) x %d worker(s): some read nothing "
-                        "(write smaller shards)", split, len(self.info.shards), world_size, workers)
+                        "(write smaller shards)", split, len(self.info.shards), self.world_size, self.num_workers)
+        if train and sampling == "exact" and self.info.shard_samples is None:
+            log.warning("manifest %s has no per-shard sample counts; assuming equal shards for the epoch "
+                        "length (rewrite it with this version for exact counts)", self.manifest.url)
+        self.epoch = epoch
         if train:
-            # Equal batch count on every rank and worker: cycle over the shards and cut each worker's
-            # stream at a fixed number of batches from the manifest.
-            per_worker = max(1, self.info.samples // (self.batch_size * world_size) // workers)
-            self.num_batches = per_worker * workers
-            self.with_epoch(per_worker)
+            self.batches_per_worker = self._batches_per_worker()
+            self.num_batches = self.batches_per_worker * self.num_workers
         else:
+            self.batches_per_worker = None
             self.num_batches = -(-self.info.samples // self.batch_size)  # all ranks together
-        self.with_length(self.num_batches, silent=True)
 
     @property
     def classes(self) -> list[str]:
         return self.manifest.classes
 
     def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for `epoch`: same (seed, epoch) -> same order. The batch count does not depend on it."""
         self.epoch = epoch
 
-    def __iter__(self):
-        self._pass = 0
-        return super().__iter__()
+    def __len__(self) -> int:
+        return self.num_batches
 
-    def _stream_seed(self, what: str) -> str:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        return f"{what}:{self.seed}:{self.epoch}:{self._pass}:{rank}:{worker}"
-
-    def _shard_urls(self):
+    def _shard_order(self, what: str, pass_: int = 0) -> list[str]:
         urls = list(self.info.shards)
         if self.train:
-            random.Random(f"shards:{self.seed}:{self.epoch}:{self._pass}").shuffle(urls)
-            self._pass += 1
-        return iter([{"url": url} for url in urls])
+            random.Random(f"{what}:{self.seed}:{self.epoch}:{pass_}").shuffle(urls)
+        return urls
 
-    def _shuffle_samples(self, samples):
-        rng = random.Random(self._stream_seed("samples"))
-        return wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+    def _shard_sizes(self) -> list[int]:
+        counts = self.info.shard_samples
+        if counts is None:  # old manifest: spread the total evenly (pad rounds up, drop rounds down)
+            share = self.info.samples / max(1, len(self.info.shards))
+            counts = [math.ceil(share) if self.balance == "pad" else math.floor(share)] * len(self.info.shards)
+        return list(counts)
+
+    def _batches_per_worker(self) -> int:
+        """The common batch count of every reader. Exact mode bounds it over every possible shard shuffle
+        (pad: the most a reader can get, the largest ceil(shards / readers) shards; drop: the least, the
+        smallest floor(shards / readers)), so it is the same in every epoch."""
+        readers = self.world_size * self.num_workers
+        if self.sampling == "resampled":
+            return max(1, self.info.samples // (self.batch_size * readers))
+        sizes = sorted(self._shard_sizes())
+        if self.balance == "pad":
+            most = sum(sizes[len(sizes) - -(-len(sizes) // readers):])
+            return -(-most // self.batch_size)
+        least = sum(sizes[:len(sizes) // readers])
+        if least < self.batch_size:
+            raise DataError(
+                f"split {self.split!r} of {self.manifest.url}: with balance='drop' a reader may get only "
+                f"{least} samples, fewer than one batch of {self.batch_size}, so every rank would get 0 "
+                f"batches (use balance='pad', a smaller batch or fewer workers)")
+        return least // self.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker_info()
+        if self.train and workers != self.num_workers:
+            raise DataError(f"this dataset was made for {self.num_workers} reader(s) per rank but runs in "
+                            f"{workers}: pass the DataLoader's num_workers to make_dataset")
+        samples = self._samples(worker, workers)
+        batches = wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)(samples)
+        return itertools.islice(batches, self.batches_per_worker) if self.train else batches
+
+    def _samples(self, worker: int, workers: int) -> Iterator[dict]:
+        """Decoded samples of this reader. Train, exact: pass 0 is this reader's share of the epoch; later
+        passes (over the whole split, flagged `padded`) fill up to the common batch count."""
+        for pass_ in itertools.count():
+            if self.sampling == "resampled":
+                urls: Iterable[str] = self._resampled_urls(worker)
+            elif pass_ == 0:
+                urls = reader_shards(self._shard_order("shards"), self.rank, self.world_size, worker, workers)
+            else:
+                urls = self._shard_order(f"pad:{self.rank}:{worker}", pass_)
+            usable = 0
+            for raw in self._raw_samples(urls, f"{pass_}:{self.rank}:{worker}"):
+                try:
+                    sample = self._decode(raw)
+                except SampleError as exn:
+                    self.skipped.add(exn.reason, str(exn))
+                    continue
+                sample["padded"] = pass_ > 0
+                usable += 1
+                yield sample
+            if not self.train or self.sampling == "resampled":
+                return
+            if pass_ > 0 and usable == 0:
+                raise DataError(f"split {self.split!r} of {self.manifest.url} has no usable sample left to pad "
+                                f"rank {self.rank} worker {worker} to {self.batches_per_worker} batches "
+                                f"(skipped so far: {self.skipped.counts()})")
+
+    def _resampled_urls(self, worker: int) -> Iterator[str]:
+        rng = random.Random(f"resample:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        while True:
+            yield rng.choice(self.info.shards)
+
+    def _raw_samples(self, urls: Iterable[str], stream: str) -> Iterator[dict]:
+        # Train mode never reads mask members: no mask reaches, or is decoded for, a training batch.
+        samples = wds.tarfile_to_samples(handler=self.skipped.tar_handler,
+                                         select_files=_not_mask if self.train else None)({"url": u} for u in urls)
+        if self.train and self.shuffle_buffer > 1:
+            rng = random.Random(f"samples:{self.seed}:{self.epoch}:{stream}")
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        return samples
 
     def _decode(self, sample: dict) -> dict:
         flip = self.hflip and zlib.crc32(f"{self.seed}:{self.epoch}:{sample.get('__key__')}".encode()) & 1
         return decode_sample(sample, image_size=self.image_size, num_classes=len(self.manifest.classes),
                              with_mask=self.with_mask, flip=bool(flip))
+
+
+def _worker_info() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
 
 
 def raw_samples(shard_url: str) -> list[dict]:
@@ -216,23 +309,37 @@ def raw_samples(shard_url: str) -> list[dict]:
 
 def make_dataset(manifest_url: str, split: str, *, image_size: int, batch_size: int, train: bool,
                  seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool | None = None,
-                 num_workers: int = 0) -> ShardDataset:
+                 num_workers: int = 0, sampling: str = "exact", balance: str = "pad",
+                 shard_by_rank: bool | None = None) -> ShardDataset:
     """Batches of one split: dicts with image (B x 3 x S x S float in [0,1]), labels (B x C multi-hot),
-    key, meta, and mask (B x S x S int64) only in eval mode on splits with masks.
+    key, meta, padded (B bool: a repeat that fills up the epoch in exact/pad mode), and mask (B x S x S
+    int64) only in eval mode on splits with masks.
 
-    `num_workers` must match the DataLoader's, so the train epoch length comes out right."""
+    `num_workers` must match the DataLoader's, so the train epoch length comes out right. Train mode:
+    `sampling="exact"` reads each sample once per epoch, then `balance="pad"` tops every reader up to the
+    longest one with flagged repeats or `"drop"` cuts every reader to the shortest; `"resampled"` draws
+    shards with replacement, `samples // (batch_size x ranks x workers)` batches per worker.
+    `shard_by_rank` (default: in train mode only) gives each rank its own shards; off, every rank reads the
+    whole split (evaluation on rank 0)."""
     return ShardDataset(manifest_url, split, image_size=image_size, batch_size=batch_size, train=train,
                         seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, hflip=hflip,
-                        num_workers=num_workers)
+                        num_workers=num_workers, sampling=sampling, balance=balance, shard_by_rank=shard_by_rank)
 
 
 def make_loader(manifest_url: str, split: str, *, image_size: int, batch_size: int, train: bool,
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool | None = None,
-                num_workers: int = 0) -> torch.utils.data.DataLoader:
+                num_workers: int = 0, sampling: str = "exact", balance: str = "pad",
+                shard_by_rank: bool | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over `make_dataset` (batching happens in the dataset); `loader.dataset.skipped`
     holds the skip counts and `loader.dataset.set_epoch(e)` reshuffles."""
     dataset = make_dataset(manifest_url, split, image_size=image_size, batch_size=batch_size, train=train,
                            seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, hflip=hflip,
-                           num_workers=num_workers)
+                           num_workers=num_workers, sampling=sampling, balance=balance,
+                           shard_by_rank=shard_by_rank)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False)
+                                       persistent_workers=False, collate_fn=_as_is)
+
+
+def _as_is(batch: dict) -> dict:
+    """Batches leave the dataset finished; torch's default_convert would walk every `meta` dict again."""
+    return batch

@@ -44,7 +44,8 @@ def _dataset(folder, shards: dict[str, list[dict]], split="train", classes=("bir
     for name, content in shards.items():
         _write_tar(os.path.join(folder, name), content)
     total = samples if samples is not None else sum(len(c) for c in shards.values())
-    return write_manifest(str(folder), list(classes), {split: SplitInfo(list(shards), total, has_masks)})
+    counts = [len(c) for c in shards.values()] if samples is None else None
+    return write_manifest(str(folder), list(classes), {split: SplitInfo(list(shards), total, has_masks, counts)})
 
 
 def _all(loader):
@@ -137,21 +138,29 @@ def test_skip_counts_reach_the_main_process_from_a_worker(tmp_path):
 
 
 def test_ranks_get_disjoint_shards_and_equal_batch_counts(tmp_path, monkeypatch):
-    # 3 shards of unequal size over 2 ranks: rank 0 reads 2 shards, rank 1 one, yet in train mode
-    # both get the same batch count (a rank that runs out cycles on, so DDP never waits forever).
+    # 3 shards of unequal size over 2 ranks: one rank reads 2 shards, the other 1, yet in train mode
+    # both get the same batch count (exact mode pads the shorter rank with flagged repeats), so DDP never
+    # waits forever; the unflagged samples are every sample exactly once.
     shards = {f"train-{i:05d}.tar": [_good(f"s{i}-{j:03d}") for j in range(n)] for i, n in enumerate((8, 8, 5))}
     url = _dataset(tmp_path / "ds", shards)
-    per_rank = {}
+    per_rank, counts = {}, []
+    everything = sorted(k["__key__"] for c in shards.values() for k in c)
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         dataset = make_dataset(url, "train", image_size=SIZE, batch_size=2, train=True, shuffle_buffer=4)
         batches = list(dataset)
-        assert len(batches) == dataset.num_batches == 21 // (2 * 2)
-        eval_set = make_dataset(url, "train", image_size=SIZE, batch_size=2, train=False)
+        assert len(batches) == dataset.num_batches == len(dataset)
+        counts.append(len(batches))
+        per_rank[f"train{rank}"] = [k for b in batches for k, pad in zip(b["key"], b["padded"]) if not pad]
+        eval_set = make_dataset(url, "train", image_size=SIZE, batch_size=2, train=False, shard_by_rank=True)
         per_rank[f"eval{rank}"] = [k for b in eval_set for k in b["key"]]
+        whole = make_dataset(url, "train", image_size=SIZE, batch_size=2, train=False)  # rank-0 evaluation
+        assert sorted(k for b in whole for k in b["key"]) == everything
+    assert counts == [8, 8]  # a rank may get the two 8-sample shards: ceil(16 / 2) batches for both
+    assert sorted(per_rank["train0"] + per_rank["train1"]) == everything
     assert not set(per_rank["eval0"]) & set(per_rank["eval1"])
-    assert sorted(per_rank["eval0"] + per_rank["eval1"]) == sorted(k["__key__"] for c in shards.values() for k in c)
+    assert sorted(per_rank["eval0"] + per_rank["eval1"]) == everything
 
 
 def test_masks_follow_the_image_through_resize(tmp_path):

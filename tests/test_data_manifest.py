@@ -54,5 +54,5 @@ def test_manifest_errors_name_the_input(tmp_path):
     (tmp_path / "manifest.json").write_text('{"version": 7, "classes": [], "splits": {}}')
     with pytest.raises(DataError, match=r"has version 7; this reader understands 1"):
         read_manifest(str(tmp_path))
-    with pytest.raises(DataError, match=r"cannot open s3://bucket/x/manifest.json: unsupported URL scheme 's3'"):
-        open_url("s3://bucket/x/manifest.json")
+    with pytest.raises(DataError, match=r"cannot open gs://bucket/x/manifest.json: unsupported URL scheme 'gs'"):
+        open_url("gs://bucket/x/manifest.json")
