@@ -124,3 +124,32 @@ def test_reference_model_has_about_30M_parameters():
     cfg = load_config("configs/reference_224.yaml")
     n = count_parameters(Segmenter(cfg.model, 1))
     assert 25e6 < n < 35e6
+
+
+def test_local_mean_imagelets_redraw_each_region_from_its_own_pixels():
+    from trainer.models import local_mean_imagelets
+
+    images = torch.zeros(1, 3, 16, 16)
+    images[:, :, :, 8:] = 1.0  # left half black, right half white
+    M = torch.zeros(1, 2, 16, 16)
+    M[:, 0, :, 8:] = 1.0  # component 0 is exactly the white half
+    M[:, 1, :, :8] = 1.0
+    X = local_mean_imagelets(M, images, sigma=3.0)
+    assert torch.allclose(X[0, 0][:, :, 8:], torch.ones(3, 16, 8), atol=1e-4)  # white where it lives
+    assert torch.allclose(X[0, 1][:, :, :8], torch.zeros(3, 16, 8), atol=1e-4)
+    from trainer.losses import L_recon, reconstruction
+
+    assert L_recon(reconstruction(M, X), images).item() < 1e-6
+    wrong = M.roll(2, dims=3)  # the boundary moved off the colour edge: reconstruction error appears
+    assert L_recon(reconstruction(wrong, local_mean_imagelets(wrong, images, 3.0)), images).item() > 0.01
+
+
+def test_linear_probe_g_trains_only_its_head_and_keeps_trunk_statistics():
+    net = EfficientNetLite0(num_classes=1)
+    net.freeze_trunk()
+    net.train()
+    assert net._fc.weight.requires_grad and not net._conv_stem.weight.requires_grad
+    assert not net._bn0.training and not net._blocks[3]._bn1.training
+    before = net._bn1.running_mean.clone()
+    net(torch.rand(2, 3, 64, 64)).sum().backward()
+    assert torch.equal(before, net._bn1.running_mean)

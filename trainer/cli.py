@@ -52,11 +52,13 @@ def cmd_demo(args) -> None:
     from .train import train_segmenter
 
     cfg = _config(args)
-    manifest = Path(cfg.data.url)
-    if not (manifest / "manifest.json" if manifest.suffix != ".json" else manifest).is_file():
+    from data_shards.manifest import manifest_url, url_exists
+
+    if not url_exists(manifest_url(cfg.data.url)):  # local path or s3://
         from data_shards.toy_birds import build_toy_birds
 
-        out_dir = manifest.parent if manifest.suffix == ".json" else manifest
+        url = cfg.data.url.rstrip("/")
+        out_dir = url.rsplit("/", 1)[0] if url.endswith(".json") else url
         print(f"building toy-birds in {out_dir}")
         build_toy_birds(str(out_dir), seed=cfg.toy.seed, size=cfg.toy.size, rho=cfg.toy.rho,
                         counts={"train": cfg.toy.train, "val": cfg.toy.val, "test_aligned": cfg.toy.test,

@@ -191,9 +191,11 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
     M_fg = foreground(M, C)
     fill = fill_image(I, cfg)
+    B = I.shape[0]
+    both = g(torch.cat([preserved(M_fg, I, fill), deleted(M_fg, I, fill)]))  # one batched pass through g
     terms = {
-        "L_preserve": L_preserve(g, preserved(M_fg, I, fill), y),
-        "L_delete": L_delete(g, deleted(M_fg, I, fill)),
+        "L_preserve": L_preserve(lambda _: both[:B], None, y),
+        "L_delete": L_delete(lambda _: both[B:], None),
         "L_area": L_area(M_fg),
         "L_tv": L_tv(M_fg, I, cfg.edge_aware_tv),
         "L_recon": L_recon(reconstruction(M, out["imagelets"]), I),
