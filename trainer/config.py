@@ -77,6 +77,8 @@ class ObjectiveConfig:
     mask_sampling: str = "soft"  # "soft" | "straight_through" | "gumbel"
     gumbel_tau: float = 1.0
     area_target: float = 0.0  # paper L_mask: target area of absent classes (paper: 0)
+    preserve_weight: float = 1.0  # preserve_delete: weight of L_preserve, scaled by lambda_c
+    delete_weight: float = 1.0  # preserve_delete: weight of L_delete, scaled by lambda_c
     area_weight: float = 8.0  # preserve_delete: weight of mean(M_fg), scaled by lambda_m
     tv_weight: float = 0.5  # preserve_delete: weight of TV(M_fg), scaled by lambda_m
     edge_aware_tv: float = 0.0  # > 0: TV weight exp(-|∇I|·edge_aware_tv) (cuts allowed on image edges)

@@ -185,8 +185,9 @@ def L_paste(segment: Callable[[torch.Tensor], dict], I: torch.Tensor, y: torch.T
 def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier,
                               cfg: ObjectiveConfig, training: bool = True,
                               segment: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
-    """L = λ_c·(L_preserve + L_delete) + λ_m·(area_weight·L_area + tv_weight·L_tv) + recon_weight·L_recon
-    + paste_weight·L_paste (the last only while training, given the mask network `segment`)."""
+    """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
+    + tv_weight·L_tv) + recon_weight·L_recon + paste_weight·L_paste (the last only while training, given the
+    mask network `segment`)."""
     C = y.shape[1]
     M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
     M_fg = foreground(M, C)
@@ -200,7 +201,7 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
         "L_tv": L_tv(M_fg, I, cfg.edge_aware_tv),
         "L_recon": L_recon(reconstruction(M, out["imagelets"]), I),
     }
-    terms["loss"] = (cfg.lambda_c * (terms["L_preserve"] + terms["L_delete"])
+    terms["loss"] = (cfg.lambda_c * (cfg.preserve_weight * terms["L_preserve"] + cfg.delete_weight * terms["L_delete"])
                      + cfg.lambda_m * (cfg.area_weight * terms["L_area"] + cfg.tv_weight * terms["L_tv"])
                      + cfg.recon_weight * terms["L_recon"])
     if cfg.paste_weight > 0 and training and segment is not None:
