@@ -111,3 +111,26 @@ def test_bad_inputs_fail_with_clear_messages(toy_dataset, tmp_path):
     proc = wsssrec("eval", f"data.url={toy_dataset}", "eval.splits=[nosuch]", f"train.out_dir={tmp_path}",
                    "classifier.checkpoint=/nonexistent/g.pt", "mlflow.enabled=false", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "/nonexistent/g.pt does not exist" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_builds_data_and_runs_the_pipeline_under_one_parent_run(tmp_path):
+    """`wsssrec demo` on a fresh folder: builds toy-birds (to data.url), g, segmenter, eval; prints the table
+    and grid paths; MLflow holds a parent run with the stages nested under it."""
+    import mlflow
+
+    proc = wsssrec("demo", "-c", str(REPO / "configs/toy_birds.yaml"), f"data.url={tmp_path}/data",
+                   "toy.train=64", "toy.val=32", "toy.test=32", "toy.size=64", "data.image_size=64",
+                   "train.steps=5", "classifier.epochs=1", f"train.out_dir={tmp_path}/runs", "train.run_name=demo",
+                   f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"mlflow.artifact_location={tmp_path}/art",
+                   cwd=tmp_path)
+    assert (tmp_path / "data" / "manifest.json").is_file()
+    assert "| test_conflict | method |" in proc.stdout and "| test_aligned | CAM |" in proc.stdout
+    assert f"grid test_conflict: {tmp_path}/runs/demo/eval/grid_test_conflict.png" in proc.stdout
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("wsssrec")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "demo"]
+    assert len(parents) == 1
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"demo-classifier", "demo-segmenter", "demo-eval"} <= children
