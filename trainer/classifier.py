@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .checkpoint import Checkpointer, consolidated_state_dict
 from .config import ClassifierConfig, Config
-from .data import dataset_classes, eval_batches, train_batches
+from .data import dataset_classes, eval_batches
 from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
-from .runtime import (atomic_torch_save, deepspeed_config, init_distributed, make_engine, run_dir,
-                      save_resolved_config, seed_everything, set_threads)
+from .runtime import (all_reduce_mean, atomic_torch_save, deepspeed_config, epoch_batches, init_distributed,
+                      make_engine, resumable_batches, run_dir, save_resolved_config, seed_everything,
+                      set_threads, write_json, zero_stage)
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ def build_classifier(ccfg: ClassifierConfig, num_classes: int) -> EfficientNetLi
         load_trunk(net, imagenet_lite0_state_dict())
     elif ccfg.init not in ("none", ""):
         load_trunk(net, load_state_dict_file(ccfg.init))
+    if ccfg.train_layers == "head":
+        net.freeze_trunk()
     return net
 
 
@@ -67,43 +71,63 @@ def classifier_accuracy(g: torch.nn.Module, cfg: Config, split: str) -> dict[str
 
 def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
     """Fine-tune g for `classifier.epochs` epochs; returns the path of the saved state dict."""
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.train.dist_timeout_s)
     set_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)  # the same initial head on every rank
     out = run_dir(cfg)
-    save_resolved_config(cfg, out)
+    if rank == 0:
+        save_resolved_config(cfg, out)
     classes = dataset_classes(cfg)
-    from data_shards.manifest import read_manifest
-
-    samples = read_manifest(cfg.data.url).split("train").samples
-    steps_per_epoch = max(samples // (cfg.classifier.batch_size * world), 1)
-    steps = steps_per_epoch * cfg.classifier.epochs
+    micro = cfg.classifier.batch_size
+    ds_config = deepspeed_config(cfg, micro)
+    accum = ds_config["gradient_accumulation_steps"]
+    steps = max(epoch_batches(cfg, micro) // accum, 1) * cfg.classifier.epochs
     net = build_classifier(cfg.classifier, len(classes))
-    engine, _ = make_engine(net, cfg.classifier.lr, deepspeed_config(cfg, cfg.classifier.batch_size),
-                            cfg.classifier.weight_decay)
+    checkpoints = Checkpointer(out / "classifier_checkpoints", cfg.train.resume, cfg.train.checkpoint_every,
+                               cfg.train.keep_last, cfg.train.seed, ds_config)
+    engine, _ = make_engine(net, cfg.classifier.lr, ds_config, cfg.classifier.weight_decay)
+    state = checkpoints.restore(engine)
+    batches = resumable_batches(cfg, seed=cfg.train.seed, batch_size=micro, samples_seen=state.samples)
     tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-classifier", active=rank == 0,
                       parent_run_id=parent_run_id)
-    batches = train_batches(cfg, seed=cfg.train.seed, batch_size=cfg.classifier.batch_size)
+    tracker.set_tags({"world_size": world, "zero_stage": zero_stage(ds_config),
+                      "global_batch": micro * accum * world})
     engine.train()
-    bar = tqdm(range(steps), desc="stage 1: g", disable=rank != 0, dynamic_ncols=True)
-    start = time.time()
+    bar = tqdm(range(state.step, steps), desc="stage 1: g", disable=rank != 0, dynamic_ncols=True,
+               initial=state.step, total=steps)
+    start, images_done, record = time.time(), 0, {}
     for step in bar:
-        batch = next(batches)
-        logits = engine(batch["image"])
-        loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
-        engine.backward(loss)
-        engine.step()
-        images_per_s = (step + 1) * cfg.classifier.batch_size * world / (time.time() - start)
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_per_s:.0f}")
+        loss_sum = 0.0
+        for _ in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
+            batch = next(batches)
+            logits = engine(batch["image"])
+            loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item() / accum
+        images_done += micro * accum
+        state.step, state.samples = step + 1, state.samples + micro * accum * world
+        record = all_reduce_mean({"classifier/loss": loss_sum,
+                                  "classifier/images_per_s_rank": images_done / (time.time() - start)})
+        record["classifier/images_per_s"] = record["classifier/images_per_s_rank"] * world
+        state.history.append(record["classifier/loss"])
+        bar.set_postfix(loss=f"{record['classifier/loss']:.3f}", img_s=f"{record['classifier/images_per_s']:.0f}")
         if step % cfg.train.log_every == 0 or step == steps - 1:
-            tracker.log_metrics({"classifier/loss": loss.item(), "classifier/images_per_s": images_per_s}, step)
+            tracker.log_metrics(record, step)
+        if checkpoints.due(state.step):
+            checkpoints.save(engine, state)
+    checkpoints.save(engine, state)  # the final one (skipped when this step is already saved)
+    state_dict = consolidated_state_dict(engine.module)  # every rank takes part; rank 0 gets the tensors
     path = classifier_path(cfg)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(net.state_dict(), path)
+        atomic_torch_save(state_dict, path)
+        write_json(out / "classifier_history.json", {"loss": state.history, "seconds": time.time() - start,
+                                                     "world_size": world})
+        g = load_classifier(path, len(classes))  # a plain module: the engine's may hold only a ZeRO-3 shard
         metrics = {}
         for split in cfg.eval.splits:
-            for key, value in classifier_accuracy(net, cfg, split).items():
+            for key, value in classifier_accuracy(g, cfg, split).items():
                 metrics[f"{split}/g_{key}"] = value
         tracker.log_metrics(metrics, steps)
         log.info("g accuracy: %s", metrics)

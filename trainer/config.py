@@ -99,7 +99,7 @@ class TrainConfig:
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted); 0 = keep all
     resume: str = "auto"  # "auto" (newest complete checkpoint of this run, if any) | "never" | a checkpoint folder
     deepspeed: str = "configs/deepspeed/zero0.json"  # a DeepSpeed JSON, or zero0 | zero1 | zero2 | zero3
-    bf16: bool = False  # bf16 mixed precision (fp32 master weights), on top of the DeepSpeed JSON
+    bf16: bool = False  # bf16 autocast (DeepSpeed torch_autocast): bf16 compute, fp32 weights and Adam state
     grad_accum: int = 0  # micro-batches per optimizer step; 0 = the DeepSpeed JSON's gradient_accumulation_steps
     dist_timeout_s: int = 1800  # a collective waiting longer than this (a dead peer) ends the process
     out_dir: str = "runs"

@@ -1,5 +1,6 @@
 """Process set-up shared by both training stages: distributed init (a single plain process gets world size 1),
-seeding, run folders, atomic writes and the DeepSpeed engine."""
+seeding and RNG state, run folders, atomic writes, the DeepSpeed config and engine, the resumable batch stream
+and all-reduced metrics."""
 from __future__ import annotations
 
 import json
@@ -7,14 +8,15 @@ import os
 import random
 import socket
 import subprocess
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import yaml
 
-from .config import Config
+from .config import Config, ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,9 +27,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     """Rank and world size. A plain `python -m trainer` run becomes a world of one on 127.0.0.1; under the
-    `deepspeed` launcher or torchrun the environment is already set."""
+    `deepspeed` launcher or torchrun the environment is already set. gloo on CPU, NCCL on GPU. A collective
+    that waits longer than `timeout_s` (a peer died) raises instead of hanging."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -35,8 +38,10 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+                                   auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -44,6 +49,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy and torch RNG states (saved per rank in every checkpoint)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def set_threads(threads: int) -> None:
@@ -92,19 +113,47 @@ def git_revision() -> dict[str, str]:
     return {"git_revision": rev or "unknown", "git_dirty": str(bool(dirty)).lower()}
 
 
-def deepspeed_config(cfg: Config, micro_batch: int) -> dict[str, Any]:
-    """The experiment's DeepSpeed JSON with the micro-batch taken from the data config."""
-    path = Path(cfg.train.deepspeed)
+def deepspeed_config_path(name: str) -> Path:
+    """`train.deepspeed`: a JSON path (relative to the working directory or the repository), or the short
+    names zero0 ... zero3 for configs/deepspeed/zeroN.json."""
+    path = Path(name)
+    if path.suffix != ".json" and len(path.parts) == 1:
+        path = Path("configs/deepspeed") / f"{name}.json"
     if not path.is_absolute() and not path.exists():
         path = REPO_ROOT / path
     if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {cfg.train.deepspeed} does not exist (train.deepspeed)")
+        raise FileNotFoundError(f"DeepSpeed config {name} does not exist (train.deepspeed: a JSON file, or one "
+                                "of zero0, zero1, zero2, zero3)")
+    return path
+
+
+def deepspeed_config(cfg: Config, micro_batch: int) -> dict[str, Any]:
+    """The experiment's DeepSpeed JSON with the micro-batch from the data config and the `train.bf16` and
+    `train.grad_accum` options applied. The global batch is micro-batch × accumulation × world size.
+
+    bf16 is DeepSpeed's torch autocast: bf16 compute and gradient communication, fp32 weights and optimizer
+    state. DeepSpeed's own "bf16"/"fp16" sections (half-precision weights) are refused: the frozen g and the
+    pretrained trunk's input normalisation run in fp32 next to the engine, and mixed weights fail there."""
+    path = deepspeed_config_path(cfg.train.deepspeed)
     ds = json.loads(path.read_text())
+    for section in ("bf16", "fp16"):
+        if ds.get(section, {}).get("enabled"):
+            raise ConfigError(f"DeepSpeed config {path} enables {section!r} (half-precision weights), which this "
+                              "trainer does not support: remove it and set train.bf16=true (bf16 autocast with "
+                              "fp32 weights)")
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds.pop("train_batch_size", None)
+    if cfg.train.grad_accum > 0:
+        ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds.setdefault("gradient_accumulation_steps", 1)
+    if cfg.train.bf16:
+        ds["torch_autocast"] = {**ds.get("torch_autocast", {}), "enabled": True, "dtype": "bfloat16"}
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def make_engine(model: torch.nn.Module, lr: float, ds_config: dict[str, Any], weight_decay: float = 0.0):
@@ -115,3 +164,38 @@ def make_engine(model: torch.nn.Module, lr: float, ds_config: dict[str, Any], we
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, optimizer
+
+
+def epoch_batches(cfg: Config, batch_size: int) -> int:
+    """Training micro-batches per epoch on this rank (the loader's own count, equal on every rank)."""
+    from data_shards.loader import make_loader
+
+    return len(make_loader(cfg.data.url, "train", image_size=cfg.data.image_size, batch_size=batch_size,
+                           train=True, num_workers=cfg.data.num_workers))
+
+
+def resumable_batches(cfg: Config, seed: int, batch_size: int, samples_seen: int = 0) -> Iterator[dict]:
+    """The training stream of this rank, positioned after `samples_seen` images (all ranks together): it starts
+    at the right epoch and skips the batches already used in it, so a resumed run sees the same data as an
+    uninterrupted one (with the same world size; with another one, the same number of images per epoch)."""
+    from .data import train_batches
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    consumed = samples_seen // (batch_size * world)
+    epoch, skip = divmod(consumed, epoch_batches(cfg, batch_size))
+    stream = train_batches(cfg, seed=seed, batch_size=batch_size, start_epoch=epoch)
+    for _ in range(skip):
+        next(stream)
+    return stream
+
+
+def all_reduce_mean(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """The mean over all ranks of each value, in one collective (every rank must call it)."""
+    keys = sorted(values)
+    flat = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if torch.distributed.get_backend() == "nccl":
+            flat = flat.cuda()
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+    return dict(zip(keys, flat.tolist()))

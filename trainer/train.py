@@ -1,20 +1,24 @@
 """Stage 2: train the segmenter (f_m, f_x) against the frozen classifier g through DeepSpeed. One readable loop:
-batch → forward → objective terms → backward → step, with checkpoints, MLflow metrics and a progress bar."""
+batch → forward → objective terms → backward → step, with resumable checkpoints, all-reduced metrics, MLflow
+and a progress bar on rank 0, and one consolidated fp32 segmenter.pt at the end."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
+from .checkpoint import Checkpointer, consolidated_state_dict
 from .classifier import classifier_path, load_classifier
-from .config import Config
-from .data import dataset_classes, train_batches
+from .config import Config, ConfigError
+from .data import dataset_classes
 from .losses import objective
 from .models import FrozenClassifier, Segmenter, count_parameters
-from .runtime import (atomic_torch_save, deepspeed_config, init_distributed, make_engine, run_dir,
-                      save_resolved_config, seed_everything, set_threads, write_json)
+from .runtime import (all_reduce_mean, atomic_torch_save, deepspeed_config, init_distributed, make_engine,
+                      resumable_batches, run_dir, save_resolved_config, seed_everything, set_threads,
+                      write_json, zero_stage)
 from .tracking import Tracker
 
 
@@ -35,8 +39,10 @@ def segmenter_checkpoint(cfg: Config) -> Path:
     return run_dir(cfg) / "segmenter.pt"
 
 
-def save_segmenter(model: Segmenter, cfg: Config, classes: list[str], path: Path) -> None:
-    atomic_torch_save({"state_dict": model.state_dict(), "config": cfg.to_dict(), "classes": classes}, path)
+def save_segmenter(model: Segmenter | dict[str, torch.Tensor], cfg: Config, classes: list[str], path: Path) -> None:
+    """segmenter.pt: {"state_dict", "config", "classes"}, plain tensors (loads with weights_only=True)."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    atomic_torch_save({"state_dict": state, "config": cfg.to_dict(), "classes": classes}, path)
 
 
 def load_segmenter(path: str | Path, g_net=None) -> tuple[Segmenter, Config, list[str]]:
@@ -56,54 +62,86 @@ def load_segmenter(path: str | Path, g_net=None) -> tuple[Segmenter, Config, lis
     return model, cfg, classes
 
 
-def train_segmenter(cfg: Config, parent_run_id: str | None = None) -> Path:
-    rank, world = init_distributed()
+def unfreeze_encoder(model: Segmenter, optimizer, lr: float) -> None:
+    """`model.encoder_unfreeze_step`: fine-tune the pretrained encoder from then on, at a tenth of the lr."""
+    model.encoder.set_trainable(True)
+    optimizer.add_param_group({"params": list(model.encoder.parameters()), "lr": lr * 0.1})
+
+
+def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iterator[dict] | None = None) -> Path:
+    """Train f_m and f_x; returns the path of segmenter.pt. `batches` replaces this rank's training stream
+    (tests use it to fix the data order across world sizes)."""
+    rank, world = init_distributed(cfg.train.dist_timeout_s)
     set_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank
     out = run_dir(cfg)
-    save_resolved_config(cfg, out)
+    if rank == 0:
+        save_resolved_config(cfg, out)
     classes = dataset_classes(cfg)
-    g_net, g = load_frozen_g(cfg, len(classes))
+    g_net, g = load_frozen_g(cfg, len(classes))  # g stays outside the engine: frozen, eval mode, unsharded
     model = build_segmenter(cfg, len(classes), g_net)
     model.check_size(cfg.data.image_size, cfg.data.image_size)
-    engine, optimizer = make_engine(model, cfg.train.lr, deepspeed_config(cfg, cfg.data.batch_size))
-    ckpt_dir = out / "checkpoints"
-    start_step = 0
-    if (ckpt_dir / "latest").is_file():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        start_step = int(client["step"]) if client else 0
+    ds_config = deepspeed_config(cfg, cfg.data.batch_size)
+    unfreeze_step = cfg.model.encoder_unfreeze_step if hasattr(model.encoder, "set_trainable") else -1
+    if unfreeze_step >= 0 and (zero_stage(ds_config) > 0 or cfg.train.bf16):
+        raise ConfigError("model.encoder_unfreeze_step needs ZeRO stage 0 without bf16 (ZeRO flattens the "
+                          "optimizer's parameter groups at the start); use model.encoder_trainable=true instead")
+    checkpoints = Checkpointer(out / "checkpoints", cfg.train.resume, cfg.train.checkpoint_every,
+                               cfg.train.keep_last, cfg.train.seed, ds_config)
+    engine, optimizer = make_engine(model, cfg.train.lr, ds_config)
+    if checkpoints.resume_from and 0 <= unfreeze_step < checkpoints.resume_from.step:
+        unfreeze_encoder(model, optimizer, cfg.train.lr)  # the saved optimizer state has that group
+    state = checkpoints.restore(engine)
+    accum = ds_config["gradient_accumulation_steps"]
+    micro = cfg.data.batch_size
+    if batches is None:
+        batches = resumable_batches(cfg, seed=cfg.train.seed + 1, batch_size=micro, samples_seen=state.samples)
     tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-segmenter", active=rank == 0,
                       parent_run_id=parent_run_id)
     tracker.set_tags({"trainable_parameters": count_parameters(model, True),
-                      "parameters": count_parameters(model)})
-    batches = train_batches(cfg, seed=cfg.train.seed + 1, start_epoch=0)
+                      "parameters": count_parameters(model), "world_size": world,
+                      "zero_stage": zero_stage(ds_config), "global_batch": micro * accum * world})
     engine.train()
     g.train()  # a no-op by construction: g stays in eval mode
-    bar = tqdm(range(start_step, cfg.train.steps), desc="stage 2: segmenter", disable=rank != 0,
-               dynamic_ncols=True, initial=start_step, total=cfg.train.steps)
-    start, history = time.time(), []
+    bar = tqdm(range(state.step, cfg.train.steps), desc="stage 2: segmenter", disable=rank != 0,
+               dynamic_ncols=True, initial=state.step, total=cfg.train.steps)
+    start, images_done, record = time.time(), 0, {}
     for step in bar:
-        if step == cfg.model.encoder_unfreeze_step and hasattr(model.encoder, "set_trainable"):
-            model.encoder.set_trainable(True)
-            optimizer.add_param_group({"params": list(model.encoder.parameters()), "lr": cfg.train.lr * 0.1})
-        batch = next(batches)
-        images, labels = batch["image"], batch["labels"]
-        terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine)
-        engine.backward(terms["loss"])
-        engine.step()
-        images_per_s = (step + 1 - start_step) * images.shape[0] * world / (time.time() - start)
-        bar.set_postfix(loss=f"{terms['loss'].item():.4f}", img_s=f"{images_per_s:.1f}")
-        record = {f"train/{k}": v.item() for k, v in terms.items()}
-        history.append(record["train/loss"])
+        if step == unfreeze_step:
+            unfreeze_encoder(model, optimizer, cfg.train.lr)
+        sums: dict[str, float] = {}
+        for _ in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
+            batch = next(batches)
+            images, labels = batch["image"], batch["labels"]
+            terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine)
+            engine.backward(terms["loss"])
+            engine.step()
+            for name, value in terms.items():
+                sums[f"train/{name}"] = sums.get(f"train/{name}", 0.0) + value.item() / accum
+        images_done += micro * accum
+        state.step, state.samples = step + 1, state.samples + micro * accum * world
+        sums["train/images_per_s_rank"] = images_done / (time.time() - start)
+        record = all_reduce_mean(sums)  # every rank, every step: the logged numbers are means over ranks
+        record["train/images_per_s"] = record["train/images_per_s_rank"] * world
+        state.history.append(record["train/loss"])
+        bar.set_postfix(loss=f"{record['train/loss']:.4f}", img_s=f"{record['train/images_per_s']:.1f}")
         if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
-            tracker.log_metrics({**record, "train/images_per_s": images_per_s}, step)
-        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1:07d}", client_state={"step": step + 1})
+            tracker.log_metrics(record, step)
+        if checkpoints.due(state.step):
+            checkpoints.save(engine, state)
+    checkpoints.save(engine, state)  # the final one (skipped when this step is already saved)
+    state_dict = consolidated_state_dict(engine.module)  # every rank takes part; rank 0 gets the tensors
     path = segmenter_checkpoint(cfg)
     if rank == 0:
-        save_segmenter(model, cfg, classes, path)
-        write_json(out / "train_history.json", {"loss": history, "seconds": time.time() - start})
+        seconds = time.time() - start
+        save_segmenter(state_dict, cfg, classes, path)
+        write_json(out / "train_history.json", {
+            "loss": state.history, "seconds": seconds, "world_size": world,
+            "images_per_s": record.get("train/images_per_s"),
+            "images_per_s_per_rank": record.get("train/images_per_s_rank")})
         tracker.log_artifact(out / "config.yaml")
         tracker.finish()
-        print(f"stage 2 done: segmenter saved to {path} ({time.time() - start:.0f} s)")
+        speed = (f", {record['train/images_per_s']:.1f} img/s total, {record['train/images_per_s_rank']:.1f} "
+                 f"per rank × {world}") if record else ""
+        print(f"stage 2 done: segmenter saved to {path} ({seconds:.0f} s{speed})")
     return path
