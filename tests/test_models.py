@@ -153,3 +153,12 @@ def test_linear_probe_g_trains_only_its_head_and_keeps_trunk_statistics():
     before = net._bn1.running_mean.clone()
     net(torch.rand(2, 3, 64, 64)).sum().backward()
     assert torch.equal(before, net._bn1.running_mean)
+
+
+def test_fg_threshold_half_is_argmax_and_higher_thresholds_shrink_the_foreground():
+    cfg = load_config(None)
+    model = Segmenter(cfg.model, 1, trunk=EfficientNetLite0(num_classes=1))
+    Z = torch.tensor([[[[2.0, 0.5, -1.0]], [[0.0, 0.0, 0.0]]]])  # M_fg = σ(2), σ(0.5), σ(-1)
+    assert model.predict_labels(Z).tolist() == [[[1, 1, 0]]]
+    assert model.predict_labels(Z, 0.7).tolist() == [[[1, 0, 0]]]  # σ(0.5) = 0.62 < 0.7
+    assert model.predict_labels(Z, 0.2).tolist() == [[[1, 1, 1]]]  # σ(-1) = 0.27 > 0.2

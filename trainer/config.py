@@ -112,7 +112,8 @@ class EvalConfig:
     splits: list = field(default_factory=lambda: ["val", "test_aligned", "test_conflict"])
     cam_split: str = "val"  # split on which the CAM threshold is chosen
     grid_images: int = 8
-    mask_threshold: float = 0.5
+    fg_threshold: float = 0.5  # method: foreground where Σ_{class k} M_k > this (0.5 = argmax for K = 2)
+    fg_threshold_from_val: bool = False  # choose fg_threshold on cam_split by mIoU, as for CAM
 
 
 @dataclass

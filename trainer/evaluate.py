@@ -48,6 +48,19 @@ def choose_cam_threshold(g, cfg: Config, num_labels: int) -> tuple[float, dict[f
     return max(curve, key=curve.get), curve
 
 
+@torch.no_grad()
+def choose_fg_threshold(model, cfg: Config, num_labels: int) -> tuple[float, dict[float, float]]:
+    """The method's foreground threshold chosen on the same split and by the same rule as CAM's."""
+    meters = {t: SegmentationMeter(num_labels) for t in CAM_THRESHOLDS}
+    for batch in eval_batches(cfg, cfg.eval.cam_split):
+        logits = model(batch["image"])["mask_logits"]
+        positive = batch["labels"].sum(1) > 0
+        for t, meter in meters.items():
+            meter.update(model.predict_labels(logits, t), batch["mask"], positive)
+    curve = {t: m.summary()["miou"] for t, m in meters.items()}
+    return max(curve, key=curve.get), curve
+
+
 def _pick_grid_indices(labels: torch.Tensor, want_pos: int, want_neg: int) -> list[int]:
     picked = []
     for i, positive in enumerate((labels.sum(1) > 0).tolist()):
@@ -80,7 +93,11 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
         model.eval()
     tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-eval", parent_run_id=parent_run_id)
     threshold, curve = choose_cam_threshold(g, cfg, num_labels)
+    fg_threshold, fg_curve = cfg.eval.fg_threshold, {}
+    if model is not None and cfg.eval.fg_threshold_from_val:
+        fg_threshold, fg_curve = choose_fg_threshold(model, cfg, num_labels)
     results: dict = {"classes": classes, "cam_threshold": threshold, "cam_threshold_curve": curve,
+                     "fg_threshold": fg_threshold, "fg_threshold_curve": fg_curve,
                      "cam_threshold_split": cfg.eval.cam_split, "splits": {}}
     methods = (["method"] if model is not None else []) + ["CAM", *TRIVIAL]
     for split in cfg.eval.splits:
@@ -97,7 +114,7 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
                 preds[name] = trivial_labels(name, labels, size)
             if model is not None:
                 net_out = model(images)
-                preds["method"] = model.predict_labels(net_out["mask_logits"])
+                preds["method"] = model.predict_labels(net_out["mask_logits"], fg_threshold)
                 fg_area = (preds["method"] > 0).float().mean(dim=(1, 2))
                 areas["positive"] += fg_area[positive].tolist()
                 areas["negative"] += fg_area[~positive].tolist()
@@ -157,5 +174,6 @@ def results_table(results: dict) -> str:
             fg = np.nanmean([v for k, v in s.items() if k.startswith("iou_")])
             lines.append(f"| {split} | {method} | {res['g']['accuracy']:.3f} | {fg:.3f} | {s['background_iou']:.3f}"
                          f" | {s['miou']:.3f} | {s['negative_fp_area']:.3f} |")
-    lines.append(f"\nCAM threshold {results['cam_threshold']} (chosen on {results['cam_threshold_split']}).")
+    lines.append(f"\nCAM threshold {results['cam_threshold']} (chosen on {results['cam_threshold_split']}); "
+                 f"method foreground threshold {results.get('fg_threshold', 0.5)}.")
     return "\n".join(lines) + "\n"

@@ -156,9 +156,16 @@ class Segmenter(nn.Module):
         imagelets = torch.sigmoid(raw).view(b, self.K, 3, h, w)
         return {"mask_logits": mask_logits, "imagelets": imagelets}
 
-    def predict_labels(self, mask_logits: torch.Tensor) -> torch.Tensor:
-        """argmax_k Z → labels: background components → 0, class component c < C → c + 1."""
-        return component_to_label(mask_logits.argmax(dim=1), self.num_classes)
+    def predict_labels(self, mask_logits: torch.Tensor, fg_threshold: float = 0.5) -> torch.Tensor:
+        """argmax_k Z → labels: background components → 0, class component c < C → c + 1. With
+        fg_threshold ≠ 0.5 a pixel keeps its class label only where the foreground mass Σ_{class k} M_k exceeds
+        the threshold (for K = 2, 0.5 is exactly the argmax)."""
+        labels = component_to_label(mask_logits.argmax(dim=1), self.num_classes)
+        if fg_threshold == 0.5:
+            return labels
+        M_fg = torch.softmax(mask_logits, dim=1)[:, :self.num_classes].sum(dim=1)
+        best_class = mask_logits[:, :self.num_classes].argmax(dim=1) + 1
+        return torch.where(M_fg > fg_threshold, best_class, torch.zeros_like(labels))
 
 
 def local_mean_imagelets(M: torch.Tensor, images: torch.Tensor, sigma: float) -> torch.Tensor:
