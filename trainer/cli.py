@@ -1,6 +1,6 @@
-"""The `wsssrec` command: data tools, stage 1 (`train-classifier`), stage 2 (`train`), `eval`, and `demo`
-(the whole pipeline on the embedded defaults). Every training command takes `-c CONFIG` plus `key.sub=value`
-overrides."""
+"""The `wsssrec` command: data tools, stage 1 (`train-classifier`), stage 2 (`train`), `eval`, `demo` (the
+whole pipeline on the embedded defaults), `predict` and the model `registry`. Every training command takes
+`-c CONFIG` plus `key.sub=value` overrides; after a stage, rank 0 registers its model in MLflow."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ from pathlib import Path
 from data_shards.manifest import DataError
 
 from .config import ConfigError, load_config
+from .tracking import TrackingError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -20,36 +21,81 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
-    return load_config(args.config, args.overrides)
+    # `classifier=models:/wsssrec-classifier@champion` is short for classifier.checkpoint=...
+    overrides = [f"classifier.checkpoint={o.split('=', 1)[1]}" if o.split("=", 1)[0].strip("- ") == "classifier"
+                 and "=" in o else o for o in args.overrides]
+    return load_config(args.config, overrides)
+
+
+def _registers(cfg) -> bool:
+    """Only rank 0 talks to the registry, and only when tracking and registering are on."""
+    from .tracking import process_rank
+
+    return cfg.mlflow.enabled and cfg.mlflow.register and process_rank() == 0
+
+
+def _check_tracking(cfg) -> None:
+    """Fail before any training when the tracking server that rank 0 will log to does not answer."""
+    from .tracking import connect, process_rank, tracking_uri
+
+    if cfg.mlflow.enabled and process_rank() == 0:
+        connect(tracking_uri(cfg))
 
 
 def cmd_train_classifier(args) -> None:
     from .classifier import train_classifier
+    from .registry import forget_stage_run, register_stage
 
-    train_classifier(_config(args))
+    cfg = _config(args)
+    _check_tracking(cfg)
+    forget_stage_run(cfg, "classifier")
+    path = train_classifier(cfg)
+    if _registers(cfg):
+        register_stage(cfg, "classifier", path)
 
 
 def cmd_train(args) -> None:
+    from .registry import forget_stage_run, register_stage, resolve_classifier
     from .train import train_segmenter
 
-    train_segmenter(_config(args))
+    cfg = _config(args)
+    _check_tracking(cfg)
+    g_lineage = resolve_classifier(cfg)  # every rank needs g's weights: models:/ → a local file
+    forget_stage_run(cfg, "segmenter")
+    path = train_segmenter(cfg)
+    if _registers(cfg):
+        register_stage(cfg, "segmenter", path, g_lineage)
 
 
 def cmd_eval(args) -> None:
     from .evaluate import evaluate, results_table
+    from .registry import is_model_uri, resolve_classifier
 
-    results = evaluate(_config(args), segmenter_path=args.segmenter, with_segmenter=not args.cam_only)
+    cfg = _config(args)
+    resolve_classifier(cfg)
+    segmenter = args.segmenter
+    if segmenter and is_model_uri(segmenter):
+        from .registry import download
+        from .runtime import run_dir
+        from .tracking import tracking_uri
+
+        _, local = download(segmenter, run_dir(cfg) / "registry" / "eval-segmenter", tracking_uri(cfg))
+        segmenter = str(local / "data" / "segmenter.pt")
+    results = evaluate(cfg, segmenter_path=segmenter, with_segmenter=not args.cam_only)
     print(results_table(results))
     for split, res in results["splits"].items():
         print(f"grid {split}: {res['grid']}")
 
 
 def cmd_demo(args) -> None:
-    """Build toy-birds if missing → stage 1 → stage 2 → eval → table and grid paths."""
+    """Build toy-birds if missing → stage 1 → stage 2 → eval → table and grid paths; both models registered
+    in MLflow with the alias `champion`, and the `wsssrec predict` command that uses the segmenter."""
     from .classifier import classifier_path, train_classifier
     from .evaluate import evaluate, results_table
+    from .registry import (ensure_classifier_registered, forget_stage_run, register_stage, resolve_classifier,
+                           stage_run_id)
     from .tracking import Tracker
-    from .train import train_segmenter
+    from .train import segmenter_checkpoint, train_segmenter
 
     cfg = _config(args)
     from data_shards.manifest import manifest_url, url_exists
@@ -64,11 +110,25 @@ def cmd_demo(args) -> None:
                         counts={"train": cfg.toy.train, "val": cfg.toy.val, "test_aligned": cfg.toy.test,
                                 "test_conflict": cfg.toy.test})
     parent = Tracker(cfg, cfg.train.run_name or "demo")
+    registers = _registers(cfg)
     try:
-        if args.retrain_classifier or not classifier_path(cfg).is_file():
+        g_lineage = resolve_classifier(cfg)  # classifier=models:/... skips stage 1
+        if not g_lineage and (args.retrain_classifier or not classifier_path(cfg).is_file()):
+            forget_stage_run(cfg, "classifier")
             train_classifier(cfg, parent_run_id=parent.run_id)
+            if registers:
+                register_stage(cfg, "classifier", classifier_path(cfg), alias="champion")
+        if registers and not g_lineage:
+            g_lineage = ensure_classifier_registered(cfg, classifier_path(cfg), alias="champion")
+        for stage in ("segmenter", "eval"):
+            forget_stage_run(cfg, stage)
         train_segmenter(cfg, parent_run_id=parent.run_id)
         results = evaluate(cfg, parent_run_id=parent.run_id)
+        segmenter = None
+        if registers:
+            segmenter = register_stage(cfg, "segmenter", segmenter_checkpoint(cfg), g_lineage,
+                                       eval_run_id=stage_run_id(cfg, "eval"), alias="champion")
+            parent.set_tags({**g_lineage, "registered.segmenter": f"models:/{segmenter.name}/{segmenter.version}"})
     except BaseException:
         parent.finish("FAILED")
         raise
@@ -76,6 +136,38 @@ def cmd_demo(args) -> None:
     print(results_table(results))
     for split, res in results["splits"].items():
         print(f"grid {split}: {res['grid']}")
+    if segmenter is not None:
+        from .registry import predict_hint
+
+        print(predict_hint(cfg, segmenter))
+
+
+def cmd_predict(args) -> None:
+    import os
+
+    from .predict import predict
+
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    predict(args.model, args.images, args.out, batch_size=args.batch_size)
+
+
+def cmd_registry(args) -> None:
+    from .registry import format_versions, list_versions, promote
+
+    if args.registry_command == "ls":
+        print(format_versions(list_versions(args.names or None, args.tracking_uri)))
+    else:
+        uri = promote(args.name, args.version, args.alias, args.tracking_uri)
+        print(f"{uri} → version {args.version}")
+
+
+def cmd_sync_metrics(args) -> None:
+    from .tracking import sync_pending
+
+    for path in args.files:
+        sent = sync_pending(path)
+        print(f"{path}: sent {sent['metrics']} metrics, {sent['tags']} tags, {sent['artifacts']} artifacts")
 
 
 def cmd_report(args) -> None:
@@ -108,6 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--retrain-classifier", action="store_true", help="train g even if its checkpoint exists")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("predict", help="segment images with a registered (or local) segmenter")
+    p.add_argument("--model", required=True, help="models:/wsssrec-segmenter@champion, models:/NAME/VERSION, "
+                   "runs:/RUN_ID/segmenter, a downloaded model folder or a segmenter.pt")
+    p.add_argument("--images", required=True, help="folder, image file or s3://bucket/prefix of images")
+    p.add_argument("--out", required=True, help="folder (or s3:// prefix) for <stem>.png masks and overlays/")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tracking-uri", help="MLflow server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("registry", help="MLflow model registry: list versions, promote a version to an alias")
+    rsub = p.add_subparsers(dest="registry_command", required=True)
+    r = rsub.add_parser("ls", help="registered models and versions with aliases, lineage and key metrics")
+    r.add_argument("names", nargs="*", help="model names (default: all)")
+    r.add_argument("--tracking-uri", help="MLflow server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    r = rsub.add_parser("promote", help="point an alias (default champion) at a version")
+    r.add_argument("name")
+    r.add_argument("version")
+    r.add_argument("--alias", default="champion")
+    r.add_argument("--tracking-uri", help="MLflow server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_registry)
+    p = sub.add_parser("sync-metrics", help="send metrics a run kept locally while MLflow was unreachable")
+    p.add_argument("files", nargs="+", help="<run dir>/mlflow/<run>.pending.json")
+    p.set_defaults(func=cmd_sync_metrics)
     p = sub.add_parser("report", help="one table (mean ± std over seeds) over evaluated runs in a folder")
     p.add_argument("runs_dir")
     p.add_argument("--order", nargs="*", help="setting names in table order")
@@ -121,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, TrackingError) as err:
         print(f"wsssrec: error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:

