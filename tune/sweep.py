@@ -1,0 +1,380 @@
+"""Ray Tune sweep over λ_m, λ_c and K: every trial trains stage 2 as a Ray Train TorchTrainer (DeepSpeed inside)
+against one shared g, ASHA stops weak trials between rungs, MLflow holds a parent run with one nested run per
+trial, and the best segmenter is registered (alias `champion` only if it beats the current one).
+
+    python tune/sweep.py --config configs/sweep_toy_birds.yaml [key.sub=value ...] [--num-samples N] [--resume]
+    ray submit deploy/cluster.yaml tune/sweep.py -- --config configs/sweep_toy_birds.yaml
+
+Overrides `sweep.x=v` set the sweep (configs/sweep_toy_birds.yaml documents each key); all others the experiment."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (`python tune/sweep.py`, `ray submit`): import the package
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)  # tune/ itself must not shadow packages
+    _root = Path(__file__).resolve().parent.parent
+    if (_root / "trainer").is_dir() and str(_root) not in sys.path:
+        sys.path.insert(0, str(_root))
+
+import yaml  # noqa: E402
+
+from tune.settings import Sweep, SweepConfig, k_range, load_sweep, settings_dict  # noqa: E402
+
+STATE = "sweep.json"
+
+
+def _absolute(value: str) -> str:
+    return value if not value or "://" in value else str(Path(value).resolve())
+
+
+def resolve_paths(cfg) -> None:
+    """Trials run in Ray worker processes with other working directories: make every local path absolute."""
+    from trainer.runtime import deepspeed_config_path
+
+    cfg.data.url = _absolute(cfg.data.url)
+    cfg.train.out_dir = _absolute(cfg.train.out_dir)
+    cfg.train.deepspeed = str(deepspeed_config_path(cfg.train.deepspeed).resolve())
+    if not cfg.classifier.checkpoint.startswith(("models:/", "runs:/")):
+        cfg.classifier.checkpoint = _absolute(cfg.classifier.checkpoint)
+    if cfg.classifier.init not in ("imagenet", "none", ""):
+        cfg.classifier.init = _absolute(cfg.classifier.init)
+    uri = cfg.mlflow.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        cfg.mlflow.tracking_uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in cfg.mlflow.artifact_location:
+        cfg.mlflow.artifact_location = _absolute(cfg.mlflow.artifact_location)
+
+
+# ---- the shared g ----
+
+def shared_classifier(cfg, sweep_dir: Path) -> tuple[str, dict[str, str]]:
+    """(what trials set as classifier.checkpoint, g's lineage). A models:/ URI is pinned to its version; a
+    path is used as it is; no checkpoint → stage 1 runs once here (and registers g when the config says so).
+    With a remote tracking server trials pull a registered g by URI, so cluster nodes need no shared disk."""
+    from trainer.registry import classifier_lineage, is_model_uri, resolve
+    from trainer.tracking import connect, is_remote, tracking_uri
+
+    where = tracking_uri(cfg)
+    if is_model_uri(cfg.classifier.checkpoint):
+        ref = resolve(connect(where), cfg.classifier.checkpoint, where)
+        return ref.canonical, {"classifier.model_uri": ref.canonical,
+                               "classifier.model_uri_requested": cfg.classifier.checkpoint,
+                               "classifier.model_version": ref.version or "",
+                               "classifier.weights_sha256": ref.tags.get("weights_sha256", "")}
+    path = Path(cfg.classifier.checkpoint) if cfg.classifier.checkpoint else sweep_dir / "g" / "classifier.pt"
+    if cfg.classifier.checkpoint and not path.is_file():
+        raise FileNotFoundError(f"classifier.checkpoint {path} does not exist")
+    if not path.is_file():
+        train_shared_classifier(cfg, sweep_dir)
+    if not cfg.mlflow.enabled:
+        return str(path), {"classifier.checkpoint": str(path)}
+    lineage = classifier_lineage(connect(where), cfg, path)
+    if is_remote(where) and "classifier.model_uri" in lineage:
+        return lineage["classifier.model_uri"], lineage
+    return str(path), lineage
+
+
+def train_shared_classifier(cfg, sweep_dir: Path) -> None:
+    """Stage 1 once for the whole sweep, through the `wsssrec` CLI in its own process (its own DeepSpeed
+    world, and it registers g like `wsssrec train-classifier` does)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    config_path = sweep_dir / "g-config.yaml"
+    resolved = cfg.to_dict()
+    resolved["train"].update(out_dir=str(sweep_dir), run_name="g", resume="auto")
+    resolved["classifier"]["checkpoint"] = ""
+    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    print(f"stage 1: training the sweep's shared g in {sweep_dir / 'g'}", flush=True)
+    subprocess.run([sys.executable, "-m", "trainer", "train-classifier", "-c", str(config_path)], check=True)
+
+
+# ---- MLflow parent run ----
+
+def open_parent_run(cfg, settings: SweepConfig, lineage: dict[str, str], previous: str | None) -> dict[str, str]:
+    import mlflow
+
+    from trainer.config import flatten
+    from trainer.runtime import git_revision
+    from trainer.tracking import connect, experiment_id_for, manifest_fingerprint, tracking_uri
+
+    uri = tracking_uri(cfg)
+    client = connect(uri)
+    experiment_id = experiment_id_for(client, cfg, uri)
+    if previous:
+        client.update_run(previous, status="RUNNING")
+        return {"uri": uri, "experiment_id": experiment_id, "parent_run_id": previous, "sweep": settings.name}
+    tags = {"wsssrec.kind": "sweep", **git_revision(), **manifest_fingerprint(cfg.data.url), **lineage}
+    run = client.create_run(experiment_id, run_name=settings.name, tags=tags)
+    values = {**flatten(cfg.to_dict()), **flatten(settings_dict(settings), "sweep.")}
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in values.items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    return {"uri": uri, "experiment_id": experiment_id, "parent_run_id": run.info.run_id, "sweep": settings.name}
+
+
+# ---- Ray Tune ----
+
+def search_space(settings: SweepConfig, num_classes: int) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key in ("lambda_m", "lambda_c"):
+        low, high = (float(v) for v in getattr(settings.search, key))
+        space[key] = low if low == high else tune.loguniform(low, high)
+    k_low, k_high = k_range(settings, num_classes)
+    space["K"] = k_low if k_low == k_high else tune.randint(k_low, k_high + 1)
+    return space
+
+
+def start_points(settings: SweepConfig, cfg, num_classes: int) -> list[dict[str, Any]]:
+    """sweep.points_to_evaluate completed with the experiment's values; K 0 → C + 1."""
+    points = []
+    for point in settings.points_to_evaluate:
+        full = {"lambda_m": cfg.objective.lambda_m, "lambda_c": cfg.objective.lambda_c, "K": cfg.model.K, **point}
+        full["K"] = int(full["K"]) or num_classes + 1
+        full["lambda_m"], full["lambda_c"] = float(full["lambda_m"]), float(full["lambda_c"])
+        points.append(full)
+    return points
+
+
+def make_searcher(settings: SweepConfig, points: list[dict[str, Any]]):
+    if settings.searcher == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+            import optuna  # noqa: F401
+        except ImportError as err:
+            from trainer.config import ConfigError
+
+            raise ConfigError("sweep.searcher=optuna needs Optuna: pip install 'wsssrec[tune]'") from err
+        return OptunaSearch(points_to_evaluate=points or None, seed=settings.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=settings.seed)
+
+
+def trainable(base: dict[str, Any], plan: dict[str, Any], settings: SweepConfig):
+    from ray import tune
+
+    from tune.trial import run_trial
+
+    return tune.with_resources(tune.with_parameters(run_trial, base=base, plan=plan), {"cpu": settings.trial_cpus})
+
+
+def init_ray(settings: SweepConfig) -> None:
+    import ray
+
+    env = {"env_vars": {"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    # a busy machine can take minutes to start a raylet; Ray's default wait (60 s) then aborts the sweep
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "600")
+    address = settings.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, runtime_env=env)
+    else:
+        ray.init(num_cpus=settings.ray_num_cpus or None, include_dashboard=False, runtime_env=env)
+
+
+# ---- the sweep ----
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tune/sweep.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", help="sweep file (configs/sweep_toy_birds.yaml) or experiment config")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value; sweep.key=value for the sweep settings")
+    parser.add_argument("--num-samples", type=int, help="trials (same as sweep.num_samples=N)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep of this name: finished trials are kept, the "
+                             "unfinished ones resume from their last reported rung")
+    return parser.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """The whole sweep; returns its summary (best trial, registry decision, per-trial rows)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from trainer.config import config_from_dict
+    from trainer.data import dataset_classes
+    from trainer.runtime import write_json
+
+    from tune.record import SweepRecorder
+    from tune.trial import rung_ends
+    from tune.validate import resolve_metric
+
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"sweep.num_samples={args.num_samples}"] if args.num_samples else [])
+    sweep: Sweep = load_sweep(args.config, overrides)
+    settings, cfg = sweep.settings, sweep.experiment
+    resolve_paths(cfg)
+    classes = dataset_classes(cfg)
+    metric, mode = resolve_metric(cfg, settings.split, settings.metric)
+    sweep_dir = Path(cfg.train.out_dir) / settings.name
+    storage = _absolute(settings.storage_path)
+    experiment_path = f"{storage.rstrip('/')}/{settings.name}"
+    state_path = sweep_dir / STATE
+    if args.resume:
+        if not (state_path.is_file() and tune.Tuner.can_restore(experiment_path)):
+            raise FileNotFoundError(f"no sweep {settings.name!r} to resume: {state_path} or the Tune experiment "
+                                    f"{experiment_path} is missing (start it without --resume)")
+        state = json.loads(state_path.read_text())
+        base, plan = state["base"], state["plan"]
+        cfg = config_from_dict({**base, "mlflow": state["mlflow_config"]})
+        print(f"resuming sweep {settings.name} from {experiment_path} (its saved settings and base config apply)")
+    else:
+        if state_path.is_file() or tune.Tuner.can_restore(experiment_path):
+            raise FileExistsError(f"sweep {settings.name!r} already exists ({state_path}, {experiment_path}): "
+                                  "continue it with --resume, or name a new one with sweep.name=...")
+        checkpoint, lineage = shared_classifier(cfg, sweep_dir)
+        base = cfg.to_dict()
+        base["classifier"]["checkpoint"] = checkpoint
+        base["train"]["out_dir"] = str(sweep_dir / "trials")
+        plan = {"rung_ends": rung_ends(cfg.train.steps, settings.rungs), "split": settings.split,
+                "reference_objective": base["objective"], "workers": settings.workers,
+                "use_gpu": settings.use_gpu, "cpus_per_worker": settings.cpus_per_worker,
+                "train_storage": f"{storage.rstrip('/')}/{settings.name}-train"}
+        state = {"base": base, "plan": plan, "mlflow_config": base["mlflow"], "lineage": lineage,
+                 "metric": metric, "mode": mode, "settings": settings_dict(settings), "parent": None}
+    tracking = None
+    if cfg.mlflow.enabled:
+        tracking = open_parent_run(cfg, settings, state["lineage"], state.get("parent"))
+        state["parent"] = tracking["parent_run_id"]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json(state_path, state)
+
+    init_ray(settings)
+    started = time.time()
+    recorder = SweepRecorder(sweep_dir / "trials.json", settings.rungs, settings.split, base, tracking)
+    if args.resume:
+        tuner = tune.Tuner.restore(experiment_path, trainable(base, plan, settings), resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr="rung", max_t=settings.rungs, grace_period=settings.grace_period,
+                                  reduction_factor=settings.reduction_factor) if settings.scheduler == "asha" else None
+        points = start_points(settings, cfg, len(classes))
+        tuner = tune.Tuner(
+            trainable(base, plan, settings),
+            param_space=search_space(settings, len(classes)),
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
+                                        search_alg=make_searcher(settings, points),
+                                        num_samples=settings.num_samples,
+                                        max_concurrent_trials=settings.max_concurrent or None),
+            run_config=tune.RunConfig(name=settings.name, storage_path=storage, callbacks=[recorder],
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    tuner.fit()
+    seconds = time.time() - started
+    return finish(SweepRecorder(sweep_dir / "trials.json", settings.rungs, settings.split, base, None), state,
+                  tracking, classes, seconds)
+
+
+def finish(recorder, state: dict[str, Any], tracking: dict[str, str] | None, classes: list[str],
+           seconds: float) -> dict[str, Any]:
+    """Table, best trial, registry decision, parent run closed; the summary is also written to sweep.json's
+    folder as summary.json."""
+    from trainer.config import config_from_dict
+    from trainer.runtime import write_json
+
+    from tune.trial import trial_config
+
+    metric, mode, settings = state["metric"], state["mode"], state["settings"]
+    rows = recorder.rows()
+    print(results_table(rows, metric))
+    unfinished = [r["trial_id"] for r in rows if r["outcome"] == "unfinished"]
+    summary: dict[str, Any] = {"metric": metric, "mode": mode, "seconds": seconds, "trials": rows,
+                               "unfinished": unfinished, "best": None, "registered": None}
+    sweep_dir = Path(state["base"]["train"]["out_dir"]).parent
+    if unfinished:
+        write_json(sweep_dir / "summary.json", summary)
+        if tracking:
+            _close_parent(tracking, "KILLED", {})
+        print(f"sweep {settings['name']} interrupted with {len(unfinished)} unfinished trial(s); continue it "
+              f"with --resume")
+        return summary
+    scored = [r for r in rows if metric in r["metrics"]]
+    finalists = [r for r in scored if r["outcome"] == "complete"] or scored
+    if not finalists:
+        write_json(sweep_dir / "summary.json", summary)
+        if tracking:
+            _close_parent(tracking, "FAILED", {})
+        raise RuntimeError(f"sweep {settings['name']}: no trial reported {metric}; see the trial errors above")
+    pick = max if mode == "max" else min
+    best = pick(finalists, key=lambda r: r["metrics"][metric])
+    value = best["metrics"][metric]
+    summary["best"] = best
+    version_text = "not registered"
+    if tracking and settings["register"]:
+        from ray.train import Checkpoint
+
+        from tune.champion import register_winner
+
+        trial_cfg = trial_config(state["base"], best["params"], best["trial_id"])
+        trial_cfg["mlflow"] = state["mlflow_config"]
+        cfg = config_from_dict(trial_cfg)
+        with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
+            decision = register_winner(cfg, Path(folder) / "segmenter.pt", classes, best.get("run_id"), metric,
+                                       value, mode, {k: v for k, v in best["metrics"].items() if "/" in k},
+                                       state["lineage"])
+        summary["registered"] = decision.__dict__
+        version_text = f"registered {cfg.mlflow.segmenter_model} v{decision.version} as {decision.alias} " \
+                       f"({decision.reason})"
+    if tracking:
+        _close_parent(tracking, "FINISHED", {f"best/{metric}": value, "sweep_seconds": seconds},
+                      {"best_trial": best["trial_id"], **({"registered.segmenter": f"v{summary['registered']['version']}"
+                                                           f"@{summary['registered']['alias']}"}
+                                                          if summary["registered"] else {})})
+    write_json(sweep_dir / "summary.json", summary)
+    p = best["params"]
+    print(f"best trial {best['trial_id']}: lambda_m={p['lambda_m']:.4g} lambda_c={p['lambda_c']:.4g} K={p['K']} "
+          f"{metric}={value:.4f} ({best['outcome']}); {version_text}")
+    return summary
+
+
+def _close_parent(tracking: dict[str, str], status: str, metrics: dict[str, float],
+                  tags: dict[str, str] | None = None) -> None:
+    from trainer.tracking import connect
+
+    client = connect(tracking["uri"])
+    for key, value in metrics.items():
+        client.log_metric(tracking["parent_run_id"], key, value)
+    for key, value in (tags or {}).items():
+        client.set_tag(tracking["parent_run_id"], key, value)
+    client.set_terminated(tracking["parent_run_id"], status)
+
+
+def results_table(rows: list[dict[str, Any]], metric: str) -> str:
+    lines = [f"| trial | lambda_m | lambda_c | K | rungs | {metric} | train/loss | outcome |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        p, m = row["params"], row["metrics"]
+        value = f"{m[metric]:.4f}" if metric in m else "-"
+        loss = f"{m['train/loss']:.4f}" if "train/loss" in m else "-"
+        lines.append(f"| {row['trial_id']} | {p['lambda_m']:.4g} | {p['lambda_c']:.4g} | {p['K']} | "
+                     f"{int(m.get('rung', 0))} | {value} | {loss} | {row['outcome']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from data_shards.manifest import DataError
+
+    from trainer.config import ConfigError
+    from trainer.tracking import TrackingError
+
+    try:
+        run(argv)
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, TrackingError) as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
