@@ -76,3 +76,13 @@ def test_config_errors_name_the_key(override, message):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does-not-exist.yaml does not exist"):
         load_config(tmp_path / "does-not-exist.yaml")
+
+
+def test_stored_configs_from_older_versions_still_load():
+    from trainer.config import Config, config_from_dict
+
+    stored = Config().to_dict()
+    stored["eval"]["mask_threshold"] = 0.5  # a key an older version wrote
+    with pytest.raises(ConfigError, match="mask_threshold"):
+        config_from_dict(stored)
+    assert config_from_dict(stored, strict=False).eval.fg_threshold == 0.5

@@ -257,9 +257,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
+def _known_keys(obj: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the keys this version's dataclasses do not have (e.g. from an older checkpoint)."""
+    out = {}
+    for f in fields(obj):
+        if f.name in data:
+            value, current = data[f.name], getattr(obj, f.name)
+            out[f.name] = _known_keys(current, value) if dataclasses.is_dataclass(current) and isinstance(value, dict) else value
+    return out
+
+
+def config_from_dict(data: dict[str, Any], strict: bool = True) -> Config:
+    """A Config from a resolved-config dict; `strict=False` (stored checkpoints) drops keys that newer code
+    no longer has instead of failing."""
     cfg = Config()
-    _merge(cfg, data)
+    _merge(cfg, data if strict else _known_keys(cfg, data))
     validate(cfg)
     return cfg
 

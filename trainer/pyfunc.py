@@ -168,7 +168,7 @@ def load_data_dir(data_dir: str | Path) -> SegmenterPredictor | ClassifierPredic
         return SegmenterPredictor(model, cfg, classes)
     from .classifier import load_classifier
 
-    cfg = config_from_dict(meta["config"])
+    cfg = config_from_dict(meta["config"], strict=False)
     return ClassifierPredictor(load_classifier(weights, len(meta["classes"])), cfg, list(meta["classes"]))
 
 

@@ -54,7 +54,7 @@ def load_segmenter(path: str | Path, g_net=None) -> tuple[Segmenter, Config, lis
     if not path.is_file():
         raise FileNotFoundError(f"segmenter checkpoint {path} does not exist")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = config_from_dict(blob["config"])
+    cfg = config_from_dict(blob["config"], strict=False)
     classes = list(blob["classes"])
     trunk = g_net if g_net is not None else EfficientNetLite0(num_classes=len(classes))
     model = build_segmenter(cfg, len(classes), trunk)
