@@ -14,9 +14,8 @@ from .checkpoint import Checkpointer, consolidated_state_dict
 from .config import ClassifierConfig, Config
 from .data import dataset_classes, eval_batches
 from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
-from .runtime import (all_reduce_mean, atomic_torch_save, deepspeed_config, epoch_batches, init_distributed,
-                      make_engine, resumable_batches, run_dir, save_resolved_config, seed_everything,
-                      set_threads, write_json, zero_stage)
+from .runtime import (all_reduce_mean, atomic_torch_save, deepspeed_config, epoch_batches, make_engine,
+                      resumable_batches, run_dir, start_stage, write_json, zero_stage)
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -71,12 +70,7 @@ def classifier_accuracy(g: torch.nn.Module, cfg: Config, split: str) -> dict[str
 
 def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
     """Fine-tune g for `classifier.epochs` epochs; returns the path of the saved state dict."""
-    rank, world = init_distributed(cfg.train.dist_timeout_s)
-    set_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)  # the same initial head on every rank
-    out = run_dir(cfg)
-    if rank == 0:
-        save_resolved_config(cfg, out)
+    rank, world, out = start_stage(cfg)
     classes = dataset_classes(cfg)
     micro = cfg.classifier.batch_size
     ds_config = deepspeed_config(cfg, micro)

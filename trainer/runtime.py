@@ -199,3 +199,15 @@ def all_reduce_mean(values: dict[str, float | torch.Tensor]) -> dict[str, float]
         torch.distributed.all_reduce(flat)
         flat /= torch.distributed.get_world_size()
     return dict(zip(keys, flat.tolist()))
+
+
+def start_stage(cfg: Config) -> tuple[int, int, Path]:
+    """Common start of both training stages: distributed init, threads, the same seed on every rank (same
+    initial weights), the run folder with the resolved config written by rank 0. Returns rank, world, folder."""
+    rank, world = init_distributed(cfg.train.dist_timeout_s)
+    set_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    out = run_dir(cfg)
+    if rank == 0:
+        save_resolved_config(cfg, out)
+    return rank, world, out

@@ -16,9 +16,8 @@ from .config import Config, ConfigError
 from .data import dataset_classes
 from .losses import objective
 from .models import FrozenClassifier, Segmenter, count_parameters
-from .runtime import (all_reduce_mean, atomic_torch_save, deepspeed_config, init_distributed, make_engine,
-                      resumable_batches, run_dir, save_resolved_config, seed_everything, set_threads,
-                      write_json, zero_stage)
+from .runtime import (all_reduce_mean, atomic_torch_save, deepspeed_config, make_engine, resumable_batches,
+                      run_dir, start_stage, write_json, zero_stage)
 from .tracking import Tracker
 
 
@@ -71,12 +70,7 @@ def unfreeze_encoder(model: Segmenter, optimizer, lr: float) -> None:
 def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iterator[dict] | None = None) -> Path:
     """Train f_m and f_x; returns the path of segmenter.pt. `batches` replaces this rank's training stream
     (tests use it to fix the data order across world sizes)."""
-    rank, world = init_distributed(cfg.train.dist_timeout_s)
-    set_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    out = run_dir(cfg)
-    if rank == 0:
-        save_resolved_config(cfg, out)
+    rank, world, out = start_stage(cfg)
     classes = dataset_classes(cfg)
     g_net, g = load_frozen_g(cfg, len(classes))  # g stays outside the engine: frozen, eval mode, unsharded
     model = build_segmenter(cfg, len(classes), g_net)
