@@ -110,7 +110,14 @@ def test_bad_inputs_fail_with_clear_messages(toy_dataset, tmp_path):
     assert proc.returncode == 2 and "manifest" in proc.stderr and "nowhere" in proc.stderr
     proc = wsssrec("eval", f"data.url={toy_dataset}", "eval.splits=[nosuch]", f"train.out_dir={tmp_path}",
                    "classifier.checkpoint=/nonexistent/g.pt", "mlflow.enabled=false", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "has no split 'nosuch' (splits: train, val, test_aligned, test_conflict)" in \
+        proc.stderr
+    proc = wsssrec("eval", f"data.url={toy_dataset}", f"train.out_dir={tmp_path}",
+                   "classifier.checkpoint=/nonexistent/g.pt", "mlflow.enabled=false", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "/nonexistent/g.pt does not exist" in proc.stderr
+    proc = wsssrec("train", f"data.url={toy_dataset}", "data.image_size=100", f"train.out_dir={tmp_path}",
+                   "classifier.checkpoint=/nonexistent/g.pt", "mlflow.enabled=false", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .effnet import PYRAMID_CHANNELS, EfficientNetLite0
 
 
@@ -104,7 +104,7 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         self.K = cfg.K or num_classes + 1
         if self.K < num_classes + 1:
-            raise ValueError(f"model.K = {cfg.K} but the data set has C = {num_classes} classes: K must be ≥ C + 1")
+            raise ConfigError(f"model.K = {cfg.K} but the data set has C = {num_classes} classes: K must be ≥ C + 1")
         if cfg.encoder == "efficientnet":
             if cfg.encoder_init == "imagenet":  # the trunk before stage 1: it never saw the biased data
                 from .effnet import imagenet_lite0_state_dict, load_trunk
@@ -131,13 +131,13 @@ class Segmenter(nn.Module):
         else:  # f_x: 1×1 conv on the mask decoder's coarse map; low frequency so it cannot copy the image
             strides = [2 ** (len(enc) - 2 - i) for i in range(len(widths))]
             if cfg.imagelet_stride not in strides:
-                raise ValueError(f"model.imagelet_stride must be one of {strides}, got {cfg.imagelet_stride}")
+                raise ConfigError(f"model.imagelet_stride must be one of {strides}, got {cfg.imagelet_stride}")
             self.imagelet_decoder = nn.Conv2d(widths[strides.index(cfg.imagelet_stride)], 3 * self.K, 1)
         self.divisor = self.encoder.divisor
 
     def check_size(self, height: int, width: int) -> None:
         if height % self.divisor or width % self.divisor:
-            raise ValueError(f"image size {height}×{width} does not fit this encoder: both sides must be "
+            raise ConfigError(f"image size {height}×{width} does not fit this encoder: both sides must be "
                              f"multiples of {self.divisor} (set data.image_size accordingly)")
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
