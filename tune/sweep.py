@@ -156,7 +156,8 @@ def make_searcher(settings: SweepConfig, points: list[dict[str, Any]]):
         return OptunaSearch(points_to_evaluate=points or None, seed=settings.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=settings.seed)
+    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=settings.seed,
+                                 max_concurrent=settings.max_concurrent)
 
 
 def trainable(base: dict[str, Any], plan: dict[str, Any], settings: SweepConfig):
@@ -170,9 +171,14 @@ def trainable(base: dict[str, Any], plan: dict[str, Any], settings: SweepConfig)
 def init_ray(settings: SweepConfig) -> None:
     import ray
 
-    env = {"env_vars": {"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
-    # a busy machine can take minutes to start a raylet; Ray's default wait (60 s) then aborts the sweep
+    # Ray Train gives a trial's workers 60 s to start by default, too short on a busy machine
+    env = {"env_vars": {"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning",
+                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
+                            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}}
+    # A busy machine can take minutes to start Ray's processes; Ray's default waits (60 s for the raylet,
+    # 30 s for its agents) then abort the sweep before it begins.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "600")
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "600000")
     address = settings.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, runtime_env=env)
@@ -191,7 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted sweep of this name: finished trials are kept, the "
                              "unfinished ones resume from their last reported rung")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may follow --num-samples N
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -263,7 +269,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                         search_alg=make_searcher(settings, points),
                                         num_samples=settings.num_samples,
-                                        max_concurrent_trials=settings.max_concurrent or None),
+                                        max_concurrent_trials=(settings.max_concurrent or None)
+                                        if settings.searcher == "optuna" else None),
             run_config=tune.RunConfig(name=settings.name, storage_path=storage, callbacks=[recorder],
                                       failure_config=tune.FailureConfig(max_failures=0)))
     tuner.fit()
