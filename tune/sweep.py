@@ -183,7 +183,8 @@ def init_ray(settings: SweepConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env)
     else:
-        ray.init(num_cpus=settings.ray_num_cpus or None, include_dashboard=False, runtime_env=env)
+        # the dashboard serves the state API that Ray Train uses to free a stopped trial's resources
+        ray.init(num_cpus=settings.ray_num_cpus or None, runtime_env=env)
 
 
 # ---- the sweep ----
