@@ -132,3 +132,30 @@ def test_restore_point_copies_a_newer_reported_checkpoint(tmp_path):
     assert restore_point(local, None, copy=True) == 0
     assert restore_point(local, Checkpoint.from_directory(str(tmp_path / "reported")), copy=True) == 8
     assert (local / "step0000008" / "mp_rank_00_model_states.pt").read_text() == "x"
+
+
+@pytest.mark.parametrize("searcher", ["random", "optuna"])
+def test_searchers_try_the_given_points_first_then_sample_the_space(searcher):
+    from tune.sweep import make_searcher, search_space
+
+    settings = SweepConfig(searcher=searcher, seed=3)
+    settings.search.lambda_m, settings.search.lambda_c, settings.search.K = [0.1, 10], [0.5, 0.5], [0, 4]
+    space = search_space(settings, num_classes=1)
+    assert space["lambda_c"] == 0.5  # low == high: a constant
+    first = {"lambda_m": 1.0, "lambda_c": 0.5, "K": 2}
+    found = []
+    if searcher == "optuna":
+        search = make_searcher(settings, [first], space)
+        search.set_search_properties("val/method/miou", "max", space)
+        found = [{**space, **search.suggest(f"t{i}")} for i in range(6)]  # Tune adds the constants
+    else:
+        from ray.tune.search.variant_generator import generate_variants
+
+        search = make_searcher(settings, [first], space)
+        assert search._points_to_evaluate == [first]
+        found = [first] + [variant for _, variant in
+                           (next(generate_variants(space)) for _ in range(5))]
+    assert found[0] == first
+    for config in found[1:]:
+        assert 0.1 <= config["lambda_m"] <= 10 and config["lambda_c"] == 0.5
+        assert config["K"] in (2, 3, 4)

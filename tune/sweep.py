@@ -144,7 +144,7 @@ def start_points(settings: SweepConfig, cfg, num_classes: int) -> list[dict[str,
     return points
 
 
-def make_searcher(settings: SweepConfig, points: list[dict[str, Any]]):
+def make_searcher(settings: SweepConfig, points: list[dict[str, Any]], space: dict[str, Any]):
     if settings.searcher == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -153,6 +153,10 @@ def make_searcher(settings: SweepConfig, points: list[dict[str, Any]]):
             from trainer.config import ConfigError
 
             raise ConfigError("sweep.searcher=optuna needs Optuna: pip install 'wsssrec[tune]'") from err
+        from ray.tune.search.sample import Domain
+
+        searched = {k for k, v in space.items() if isinstance(v, Domain)}  # Optuna's points hold only these
+        points = [{k: v for k, v in point.items() if k in searched} for point in points]
         return OptunaSearch(points_to_evaluate=points or None, seed=settings.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -264,11 +268,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         scheduler = ASHAScheduler(time_attr="rung", max_t=settings.rungs, grace_period=settings.grace_period,
                                   reduction_factor=settings.reduction_factor) if settings.scheduler == "asha" else None
         points = start_points(settings, cfg, len(classes))
+        space = search_space(settings, len(classes))
         tuner = tune.Tuner(
             trainable(base, plan, settings),
-            param_space=search_space(settings, len(classes)),
+            param_space=space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
-                                        search_alg=make_searcher(settings, points),
+                                        search_alg=make_searcher(settings, points, space),
                                         num_samples=settings.num_samples,
                                         max_concurrent_trials=(settings.max_concurrent or None)
                                         if settings.searcher == "optuna" else None),
