@@ -73,7 +73,7 @@ def test_frozen_g_keeps_eval_mode_statistics_and_gets_no_gradient():
     assert not g.training and not net.training
     assert all(not m.training for m in net.modules())
     assert not model.encoder.trunk.training  # the frozen encoder copy stays in eval mode too
-    opt = torch.optim.Adam([p for p in holder.parameters() if p.requires_grad], lr=0.1)
+    opt = torch.optim.Adam([p for p in holder.parameters() if p.requires_grad], lr=1e-3)
     images, labels = torch.rand(4, 3, 64, 64), torch.tensor([[1.0], [0.0], [1.0], [0.0]])
     for _ in range(2):
         terms = objective(model(images), images, labels, g, cfg.objective, segment=model)
