@@ -444,8 +444,11 @@ def test_two_ranks_equal_one_rank_with_double_batch(work, toy_dataset):
     work, common = work
     params = {"config": str(REPO / "configs/toy_birds.yaml"),
               # L_paste pairs positives with negatives inside a micro-batch, so it is not additive over ranks;
-              # equivalence is a property of the data-parallel step, checked on the per-image terms
-              "overrides": [str(c) for c in common[2:]] + ["train.checkpoint_every=0", "objective.paste_weight=0"]}
+              # equivalence is a property of the data-parallel step, checked on the per-image terms (with the
+              # lowres head, where the tolerance below was measured; local-mean divisions amplify float noise
+              # on near-zero Adam denominators to ~1 step on a few elements)
+              "overrides": [str(c) for c in common[2:]] + ["train.checkpoint_every=0", "objective.paste_weight=0",
+                                                                 "model.imagelet_head=lowres"]}
     script = Path(__file__).resolve()
     one = [sys.executable, script, "equivalence", json.dumps(params)]
     _run(one, work / "eq1.log", work)
