@@ -145,6 +145,7 @@ def test_L_paste_targets_the_hardened_source_mask_on_negative_backgrounds():
     assert torch.allclose(composite[:, :2], 0.9 * I[0, :, :2] + 0.1 * I[1, :, :2])
     # no negatives in the batch → 0
     assert L_paste(segment, I, torch.ones(2, 1), M_fg, 1).item() == 0.0
+    assert seen["images"].shape[0] == 1  # the zero-weighted forward still ran (equal forwards per rank)
 
 
 def test_objective_totals_are_weighted_sums_of_their_terms():

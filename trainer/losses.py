@@ -173,7 +173,9 @@ def L_paste(segment: Callable[[torch.Tensor], dict], I: torch.Tensor, y: torch.T
     them. BCE averaged over pixels of the pasted images; 0 when the batch lacks positives or negatives."""
     positive = y.sum(dim=1) > 0
     if positive.all() or not positive.any():
-        return M_fg.sum() * 0.0
+        # still one forward, weighted 0: every rank must run the same number of forwards (ZeRO-3 gathers the
+        # parameters collectively in each one, and a rank that skipped it would hang the others)
+        return segment(I[:1])["mask_logits"].sum() * 0.0
     source = M_fg[positive].detach()
     backgrounds = I[~positive]
     backgrounds = backgrounds[torch.arange(source.shape[0], device=I.device) % backgrounds.shape[0]]
