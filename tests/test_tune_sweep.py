@@ -189,7 +189,8 @@ def test_trial_with_two_ray_train_workers_zero2(first_sweep):
     result = summary(work, "two-workers")
     (trial,) = result["trials"]
     assert trial["outcome"] == "complete" and trial["metrics"]["rung"] == 2 and METRIC in trial["metrics"]
-    history = json.loads((work / "runs" / "two-workers" / "trials" / trial["trial_id"] / "train_history.json").read_text())
+    run = work / "runs" / "two-workers" / "trials" / trial["trial_id"]
+    history = json.loads((run / "train_history.json").read_text())
     assert history["world_size"] == 2 and len(history["loss"]) == 4
     # the reported checkpoint merges both ranks' ZeRO-2 shards
     files = {p.name for p in Path(trial["checkpoint_path"]).rglob("*") if p.is_file()}

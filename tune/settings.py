@@ -79,7 +79,8 @@ def _check(settings: SweepConfig) -> None:
             raise ConfigError(f"sweep.search.{key} must be [low, high] with low <= high, got {value!r}")
     for key in ("lambda_m", "lambda_c"):
         if getattr(settings.search, key)[0] <= 0:
-            raise ConfigError(f"sweep.search.{key} is log-uniform: low must be > 0, got {getattr(settings.search, key)}")
+            raise ConfigError(f"sweep.search.{key} is log-uniform: low must be > 0, "
+                              f"got {getattr(settings.search, key)}")
     if not all(float(v).is_integer() for v in settings.search.K):
         raise ConfigError(f"sweep.search.K must hold integers, got {settings.search.K}")
     for point in settings.points_to_evaluate:

@@ -260,7 +260,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     init_ray(settings)
     started = time.time()
-    recorder = SweepRecorder(sweep_dir / "trials.json", settings.rungs, settings.split, base, tracking)
+    recorder = SweepRecorder(sweep_dir / "trials.json", len(plan["rung_ends"]), plan["split"], base, tracking)
     if args.resume:
         tuner = tune.Tuner.restore(experiment_path, trainable(base, plan, settings), resume_unfinished=True,
                                    resume_errored=True)
@@ -281,8 +281,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                       failure_config=tune.FailureConfig(max_failures=0)))
     tuner.fit()
     seconds = time.time() - started
-    return finish(SweepRecorder(sweep_dir / "trials.json", settings.rungs, settings.split, base, None), state,
-                  tracking, classes, seconds)
+    outcomes = SweepRecorder(sweep_dir / "trials.json", len(plan["rung_ends"]), plan["split"], base, None)
+    return finish(outcomes, state, tracking, classes, seconds)
 
 
 def finish(recorder, state: dict[str, Any], tracking: dict[str, str] | None, classes: list[str],
@@ -336,10 +336,10 @@ def finish(recorder, state: dict[str, Any], tracking: dict[str, str] | None, cla
         version_text = f"registered {cfg.mlflow.segmenter_model} v{decision.version} as {decision.alias} " \
                        f"({decision.reason})"
     if tracking:
-        _close_parent(tracking, "FINISHED", {f"best/{metric}": value, "sweep_seconds": seconds},
-                      {"best_trial": best["trial_id"], **({"registered.segmenter": f"v{summary['registered']['version']}"
-                                                           f"@{summary['registered']['alias']}"}
-                                                          if summary["registered"] else {})})
+        tags = {"best_trial": best["trial_id"]}
+        if summary["registered"]:
+            tags["registered.segmenter"] = f"v{summary['registered']['version']}@{summary['registered']['alias']}"
+        _close_parent(tracking, "FINISHED", {f"best/{metric}": value, "sweep_seconds": seconds}, tags)
     write_json(sweep_dir / "summary.json", summary)
     p = best["params"]
     print(f"best trial {best['trial_id']}: lambda_m={p['lambda_m']:.4g} lambda_c={p['lambda_c']:.4g} K={p['K']} "
