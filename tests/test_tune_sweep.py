@@ -132,9 +132,10 @@ def test_worse_sweep_interrupted_resumes_and_stays_challenger(first_sweep):
     trial has finished, then resumed: the finished trial is not trained again."""
     work, toy, _ = first_sweep
     name = "worse"
-    args = ["--num-samples", "2", "classifier.checkpoint=models:/wsssrec-classifier/1",
+    g = work / "runs" / "first" / "g" / "classifier.pt"  # the first sweep's g, registered as version 1
+    args = ["--num-samples", "2", f"classifier.checkpoint={g}",
             f"sweep.search.lambda_m=[{BAD['lambda_m']}, {BAD['lambda_m']}]",
-            f"sweep.search.lambda_c=[{BAD['lambda_c']}, {BAD['lambda_c']}]", "sweep.search.K=[2, 3]",
+            f"sweep.search.lambda_c=[{BAD['lambda_c']}, {BAD['lambda_c']}]", "sweep.search.K=[2, 2]",
             "sweep.scheduler=none"]
     trials_file = work / "runs" / name / "trials.json"
     proc = subprocess.Popen(sweep_cmd(work, toy, name, *args), cwd=work, env=env(), stdout=subprocess.PIPE,

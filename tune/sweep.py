@@ -65,10 +65,15 @@ def shared_classifier(cfg, sweep_dir: Path) -> tuple[str, dict[str, str]]:
     where = tracking_uri(cfg)
     if is_model_uri(cfg.classifier.checkpoint):
         ref = resolve(connect(where), cfg.classifier.checkpoint, where)
-        return ref.canonical, {"classifier.model_uri": ref.canonical,
-                               "classifier.model_uri_requested": cfg.classifier.checkpoint,
-                               "classifier.model_version": ref.version or "",
-                               "classifier.weights_sha256": ref.tags.get("weights_sha256", "")}
+        lineage = {"classifier.model_uri": ref.canonical, "classifier.model_uri_requested": cfg.classifier.checkpoint,
+                   "classifier.model_version": ref.version or "",
+                   "classifier.weights_sha256": ref.tags.get("weights_sha256", "")}
+        if is_remote(where):
+            return ref.canonical, lineage  # each trial pulls this exact version
+        from trainer.registry import download
+
+        _, folder = download(ref.canonical, sweep_dir / "g-registry", where)  # once, for every trial
+        return str(folder / "data" / "classifier.pt"), lineage
     path = Path(cfg.classifier.checkpoint) if cfg.classifier.checkpoint else sweep_dir / "g" / "classifier.pt"
     if cfg.classifier.checkpoint and not path.is_file():
         raise FileNotFoundError(f"classifier.checkpoint {path} does not exist")
