@@ -79,6 +79,16 @@ def mlflow_server(root: Path, artifacts: str, extra_env: dict[str, str] | None =
     return ServerProcess(command, port, root / f"server-{port}.log", env, "/health")
 
 
+@pytest.fixture(autouse=True)
+def mlflow_environment_unchanged():
+    """wsssrec must not export MLflow's URIs into this process's environment (every later subprocess would
+    inherit them, and MLFLOW_TRACKING_URI wins over the config)."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    assert {name: os.environ.get(name) for name in names} == before
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = mlflow_server(tmp_path_factory.mktemp("mlflow-server"), str(tmp_path_factory.mktemp("mlflow-artifacts")))
@@ -181,12 +191,11 @@ def test_pipeline_runs_nest_with_params_metrics_tags_and_artifacts(server, pipel
 # ---- registry ----
 
 @pytest.mark.slow
-def test_registered_versions_carry_lineage_metrics_and_signature(server, pipeline, toy_dataset):
+def test_registered_versions_carry_lineage_metrics_and_signature(server, pipeline, toy_dataset, monkeypatch):
     import mlflow
 
     client = client_for(server)
-    mlflow.set_tracking_uri(server.url)
-    mlflow.set_registry_uri(server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)  # for mlflow's module-level functions below
     work, run, proc = pipeline
     seg = client.get_model_version_by_alias(SEG, "champion")
     g = client.get_model_version_by_alias(CLS, "champion")

@@ -273,13 +273,39 @@ def save_model(path: str, mlflow_model=None, *, kind: str, weights: str | Path, 
     model.save(str(root / "MLmodel"))
 
 
-def log_model(*, kind: str, weights: str | Path, cfg: Config, classes: list[str], run_id: str | None,
-              registered_model_name: str | None = None, tags: dict[str, str] | None = None,
+def log_model(client, *, kind: str, weights: str | Path, cfg: Config, classes: list[str], experiment_id: str,
+              run_id: str | None, registered_model_name: str, tags: dict[str, str] | None = None,
               extra_files: dict[str, str | Path] | None = None):
-    """Log a wsssrec model (MLflow 3: a LoggedModel at models:/m-<id>, linked to `run_id`), registering it
-    under `registered_model_name` when given. Returns MLflow's ModelInfo."""
+    """Log a wsssrec model (MLflow 3: a LoggedModel at models:/m-<id>, an output of `run_id`, with the run's
+    params) and register it as a new version of `registered_model_name`. Only `client` (no module-level MLflow
+    state) is used, so nothing leaks into this process's environment. Returns the ModelVersion."""
+    import tempfile
+
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    return Model.log(artifact_path=None, name=kind, flavor=sys.modules[__name__], run_id=run_id,
-                     registered_model_name=registered_model_name, tags=tags, kind=kind, weights=weights,
-                     cfg=cfg, classes=classes, extra_files=extra_files)
+    params = dict(client.get_run(run_id).data.params) if run_id else {}
+    logged = client.create_logged_model(experiment_id=experiment_id, name=kind, source_run_id=run_id,
+                                        tags=tags, params=params)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "model"
+            mlflow_model = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
+                                 model_id=logged.model_id)
+            save_model(str(folder), mlflow_model, kind=kind, weights=weights, cfg=cfg, classes=classes,
+                       extra_files=extra_files)
+            client.log_model_artifacts(logged.model_id, str(folder))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    if run_id:
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    try:
+        client.create_registered_model(registered_model_name)
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    return client.create_model_version(registered_model_name, source=f"models:/{logged.model_id}", run_id=run_id,
+                                       tags=tags, model_id=logged.model_id)

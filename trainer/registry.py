@@ -126,7 +126,8 @@ def download(uri: str, dst: str | Path, uri_of_server: str | None = None) -> tup
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.canonical, dst_path=str(staging)))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.canonical, dst_path=str(staging),
+                                                             tracking_uri=where, registry_uri=where))
         except Exception as err:  # noqa: BLE001 - name the model and the server, not a stack of retries
             raise TrackingError(f"downloading {uri} ({ref.canonical}) from {where} failed: {err}") from err
         if dst.exists():
@@ -227,21 +228,19 @@ def register(cfg: Config, kind: str, weights: str | Path, classes: list[str], ru
     """Log `weights` as a wsssrec model of `run_id` and register it under the configured name; the version
     carries the config (config.yaml + the run's params), metrics (tags metric.* + metrics.json), the data
     manifest (tags + manifest.json), g's lineage (segmenter), git revision and the signature."""
-    import mlflow
-
     from .pyfunc import log_model
+    from .tracking import experiment_id_for
 
     client = connect(tracking_uri(cfg))
     name = cfg.mlflow.classifier_model if kind == "classifier" else cfg.mlflow.segmenter_model
     weights = Path(weights)
     metrics = dict(metrics or {})
     if run_id:
-        metrics = {**client.get_run(run_id).data.metrics, **metrics}
-        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+        run = client.get_run(run_id)
+        metrics = {**run.data.metrics, **metrics}
+        experiment_id = run.info.experiment_id
     else:
-        from .tracking import experiment_id_for
-
-        mlflow.set_experiment(experiment_id=experiment_id_for(client, cfg, tracking_uri(cfg)))
+        experiment_id = experiment_id_for(client, cfg, tracking_uri(cfg))
     tags = lineage_tags(cfg, kind, weights, g_lineage)
     with tempfile.TemporaryDirectory() as tmp:
         files = dict(extra_files or {})
@@ -251,9 +250,9 @@ def register(cfg: Config, kind: str, weights: str | Path, classes: list[str], ru
         manifest = tags.get("data.manifest_url", "")
         if manifest and "://" not in manifest and Path(manifest).is_file():
             files["manifest.json"] = manifest
-        info = log_model(kind=kind, weights=weights, cfg=cfg, classes=classes, run_id=run_id,
-                         registered_model_name=name, tags=tags, extra_files=files)
-    version = str(info.registered_model_version)
+        version = str(log_model(client, kind=kind, weights=weights, cfg=cfg, classes=classes,
+                                experiment_id=experiment_id, run_id=run_id, registered_model_name=name, tags=tags,
+                                extra_files=files).version)
     for key, value in {**tags, **{f"{METRIC_TAG_PREFIX}{k}": f"{v:.6g}" for k, v in metrics.items()}}.items():
         client.set_model_version_tag(name, version, key, value)
     source = f"run {run_id}" if run_id else f"checkpoint {weights}"

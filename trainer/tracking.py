@@ -48,15 +48,14 @@ def is_remote(uri: str) -> bool:
 
 def connect(uri: str, attempts: int = 3):
     """An MlflowClient for `uri` after checking that a remote server answers `/health`; raises TrackingError
-    within a few seconds when it does not (instead of MLflow's minutes of retries)."""
+    within a few seconds when it does not (instead of MLflow's minutes of retries). MLflow's module-level URI
+    is left alone: `mlflow.set_tracking_uri` would also export MLFLOW_TRACKING_URI to every later subprocess."""
     import mlflow
 
     if is_remote(uri):
         for name, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
         _check_health(uri, attempts)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
