@@ -8,8 +8,9 @@ and the same data, and the per-rank memory of parameters + gradients + optimizer
 For each world size the script starts that many worker processes (plain env: RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT; gloo on CPU, NCCL on GPU). The workers build every variant once, warm each up for 2 steps, then
 time them in rounds, one step of each variant in turn, so a load change on a shared machine hits every
-variant alike; the DeepSpeed/DDP ratio is taken per round and its median reported. The step is the one of trainer/train.py: forward, the objective against the frozen g, backward,
-Adam step, on fixed in-memory batches (the loader is measured by bench/loader.py).
+variant alike; the DeepSpeed/DDP ratio is taken per round and its median reported. The step is the one of
+trainer/train.py: forward, the objective against the frozen g, backward, Adam step, on fixed in-memory batches
+(the loader is measured by bench/loader.py).
 """
 from __future__ import annotations
 
@@ -267,14 +268,16 @@ def report(throughput: dict[int, dict], memory: dict | None, args) -> str:
         rates = result["rates"]
         for mode, per_round in rates.items():
             ratios = [r / d for r, d in zip(per_round, rates["ddp"])]
-            ratio = "" if mode == "ddp" else f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f})"
+            ratio = "" if mode == "ddp" else (f"**{statistics.median(ratios):.2f}** "
+                                              f"({min(ratios):.2f}–{max(ratios):.2f})")
             lines.append(f"| {world} | {mode} | {statistics.median(per_round):.1f} | "
                          f"{', '.join(f'{r:.1f}' for r in per_round)} | {ratio} |")
     if len(throughput) > 1 and 1 in throughput:
         many = max(throughput)
         lines += ["", f"| variant | {many}-process / 1-process images/s (medians) |", "|---|---:|"]
         for mode in throughput[1]["rates"]:
-            speedup = statistics.median(throughput[many]["rates"][mode]) / statistics.median(throughput[1]["rates"][mode])
+            rates = [statistics.median(throughput[w]["rates"][mode]) for w in (1, many)]
+            speedup = rates[1] / rates[0]
             lines.append(f"| {mode} | {speedup:.2f} |")
     if memory:
         mib = 2 ** 20

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .runtime import atomic_write_bytes, rng_state, seed_everything, set_rng_state, write_json
+from .runtime import LoopState, atomic_write_bytes, rng_state, seed_everything, set_rng_state, write_json
 
 COMPLETE = "complete.json"
 _TAG = re.compile(r"^step(\d{7,})$")
@@ -168,14 +168,6 @@ def consolidated_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] |
         if rank == 0:
             state[name] = (full.float() if full.is_floating_point() else full).cpu().clone()
     return state if rank == 0 else None
-
-
-@dataclass
-class LoopState:
-    """Where a training loop stands; saved in every checkpoint's client_state."""
-    step: int = 0  # optimizer steps done
-    samples: int = 0  # training images consumed by all ranks together: the data position
-    history: list = field(default_factory=list)  # all-reduced mean loss of every step
 
 
 class Checkpointer:

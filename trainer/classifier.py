@@ -14,7 +14,7 @@ from .checkpoint import Checkpointer, consolidated_state_dict
 from .config import ClassifierConfig, Config
 from .data import dataset_classes, eval_batches
 from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
-from .runtime import (all_reduce_mean, atomic_torch_save, deepspeed_config, epoch_batches, make_engine,
+from .runtime import (StepMeter, atomic_torch_save, deepspeed_config, epoch_batches, make_engine,
                       resumable_batches, run_dir, start_stage, write_json, zero_stage)
 from .tracking import Tracker
 
@@ -89,7 +89,7 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
     engine.train()
     bar = tqdm(range(state.step, steps), desc="stage 1: g", disable=rank != 0, dynamic_ncols=True,
                initial=state.step, total=steps)
-    start, images_done, record = time.time(), 0, {}
+    meter, record = StepMeter(state, micro * accum, world, "classifier"), {}
     for step in bar:
         loss_sum = 0.0
         for _ in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
@@ -99,12 +99,7 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item() / accum
-        images_done += micro * accum
-        state.step, state.samples = step + 1, state.samples + micro * accum * world
-        record = all_reduce_mean({"classifier/loss": loss_sum,
-                                  "classifier/images_per_s_rank": images_done / (time.time() - start)})
-        record["classifier/images_per_s"] = record["classifier/images_per_s_rank"] * world
-        state.history.append(record["classifier/loss"])
+        record = meter.step({"loss": loss_sum})  # means over ranks; advances step, data position, history
         bar.set_postfix(loss=f"{record['classifier/loss']:.3f}", img_s=f"{record['classifier/images_per_s']:.0f}")
         if step % cfg.train.log_every == 0 or step == steps - 1:
             tracker.log_metrics(record, step)
@@ -116,7 +111,7 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(state_dict, path)
-        write_json(out / "classifier_history.json", {"loss": state.history, "seconds": time.time() - start,
+        write_json(out / "classifier_history.json", {"loss": state.history, "seconds": time.time() - meter.start,
                                                      "world_size": world})
         g = load_classifier(path, len(classes))  # a plain module: the engine's may hold only a ZeRO-3 shard
         metrics = {}

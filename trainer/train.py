@@ -16,7 +16,7 @@ from .config import Config, ConfigError
 from .data import dataset_classes
 from .losses import objective
 from .models import FrozenClassifier, Segmenter, count_parameters
-from .runtime import (all_reduce_mean, atomic_torch_save, deepspeed_config, make_engine, resumable_batches,
+from .runtime import (StepMeter, atomic_torch_save, deepspeed_config, make_engine, resumable_batches,
                       run_dir, start_stage, write_json, zero_stage)
 from .tracking import Tracker
 
@@ -99,7 +99,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     g.train()  # a no-op by construction: g stays in eval mode
     bar = tqdm(range(state.step, cfg.train.steps), desc="stage 2: segmenter", disable=rank != 0,
                dynamic_ncols=True, initial=state.step, total=cfg.train.steps)
-    start, images_done, record = time.time(), 0, {}
+    meter, record = StepMeter(state, micro * accum, world, "train"), {}
     for step in bar:
         if step == unfreeze_step:
             unfreeze_encoder(model, optimizer, cfg.train.lr)
@@ -111,13 +111,8 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
             engine.backward(terms["loss"])
             engine.step()
             for name, value in terms.items():
-                sums[f"train/{name}"] = sums.get(f"train/{name}", 0.0) + value.item() / accum
-        images_done += micro * accum
-        state.step, state.samples = step + 1, state.samples + micro * accum * world
-        sums["train/images_per_s_rank"] = images_done / (time.time() - start)
-        record = all_reduce_mean(sums)  # every rank, every step: the logged numbers are means over ranks
-        record["train/images_per_s"] = record["train/images_per_s_rank"] * world
-        state.history.append(record["train/loss"])
+                sums[name] = sums.get(name, 0.0) + value.item() / accum
+        record = meter.step(sums)  # means over ranks; advances step, data position and loss history
         bar.set_postfix(loss=f"{record['train/loss']:.4f}", img_s=f"{record['train/images_per_s']:.1f}")
         if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
             tracker.log_metrics(record, step)
@@ -127,7 +122,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     state_dict = consolidated_state_dict(engine.module)  # every rank takes part; rank 0 gets the tensors
     path = segmenter_checkpoint(cfg)
     if rank == 0:
-        seconds = time.time() - start
+        seconds = time.time() - meter.start
         save_segmenter(state_dict, cfg, classes, path)
         write_json(out / "train_history.json", {
             "loss": state.history, "seconds": seconds, "world_size": world,
