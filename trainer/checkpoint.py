@@ -221,3 +221,9 @@ class Checkpointer:
                                self.bf16)
         self.last_saved = state.step
         return path
+
+    def finish(self, engine, state: LoopState) -> dict[str, torch.Tensor] | None:
+        """The final checkpoint (unless this step is saved already), then the whole model as one fp32
+        state_dict on rank 0 (None elsewhere). All ranks call this."""
+        self.save(engine, state)
+        return consolidated_state_dict(engine.module)

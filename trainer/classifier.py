@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import Checkpointer, consolidated_state_dict
+from .checkpoint import Checkpointer
 from .config import ClassifierConfig, Config
 from .data import dataset_classes, eval_batches
 from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
@@ -105,8 +105,7 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
             tracker.log_metrics(record, step)
         if checkpoints.due(state.step):
             checkpoints.save(engine, state)
-    checkpoints.save(engine, state)  # the final one (skipped when this step is already saved)
-    state_dict = consolidated_state_dict(engine.module)  # every rank takes part; rank 0 gets the tensors
+    state_dict = checkpoints.finish(engine, state)  # final checkpoint; every rank gathers, rank 0 gets it
     path = classifier_path(cfg)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from .checkpoint import Checkpointer, consolidated_state_dict
+from .checkpoint import Checkpointer
 from .classifier import classifier_path, load_classifier
 from .config import Config, ConfigError
 from .data import dataset_classes
@@ -118,8 +118,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
             tracker.log_metrics(record, step)
         if checkpoints.due(state.step):
             checkpoints.save(engine, state)
-    checkpoints.save(engine, state)  # the final one (skipped when this step is already saved)
-    state_dict = consolidated_state_dict(engine.module)  # every rank takes part; rank 0 gets the tensors
+    state_dict = checkpoints.finish(engine, state)  # final checkpoint; every rank gathers, rank 0 gets it
     path = segmenter_checkpoint(cfg)
     if rank == 0:
         seconds = time.time() - meter.start
