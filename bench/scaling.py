@@ -261,7 +261,7 @@ def launch(kind: str, world: int, args) -> dict:
     return result
 
 
-def report(throughput: dict[int, dict], memory: dict | None, args) -> str:
+def report(throughput: dict[int, dict], memory: dict[int, dict], args) -> str:
     lines = ["| processes | variant | images/s (all ranks), median | per round | DeepSpeed / DDP, median of rounds |",
              "|---:|---|---:|---|---:|"]
     for world, result in throughput.items():
@@ -281,14 +281,15 @@ def report(throughput: dict[int, dict], memory: dict | None, args) -> str:
             lines.append(f"| {mode} | {speedup:.2f} |")
     if memory:
         mib = 2 ** 20
-        lines += ["", f"Reference model (configs/reference_224.yaml), {args.memory_world} processes, per rank "
-                  "(MiB):", "", "| ZeRO stage | parameters | gradients | optimizer state | total | / ZeRO-0 |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        base = memory["memory"]["zero0"]["total"]
-        for mode, m in memory["memory"].items():
-            lines.append(f"| {mode} | {m['params'] / mib:.0f} | {m['grads'] / mib:.0f} | {m['optimizer'] / mib:.0f} "
-                         f"| {m['total'] / mib:.0f} | **{m['total'] / base:.2f}** |")
-        lines.append(f"\n({memory['parameters'] / 1e6:.1f} M trainable parameters)")
+        lines += ["", "Reference model (configs/reference_224.yaml), per rank (MiB):", "",
+                  "| processes | ZeRO stage | parameters | gradients | optimizer state | total | / ZeRO-0 |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        for world, result in memory.items():
+            base = result["memory"]["zero0"]["total"]
+            for mode, m in result["memory"].items():
+                lines.append(f"| {world} | {mode} | {m['params'] / mib:.0f} | {m['grads'] / mib:.0f} | "
+                             f"{m['optimizer'] / mib:.0f} | {m['total'] / mib:.0f} | **{m['total'] / base:.2f}** |")
+        lines.append(f"\n({next(iter(memory.values()))['parameters'] / 1e6:.1f} M trainable parameters)")
     return "\n".join(lines)
 
 
@@ -301,7 +302,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--worlds", type=int, nargs="*", default=[1, 2], help="throughput runs (none: skip)")
-    parser.add_argument("--memory-world", type=int, default=2, help="processes of the memory run (0: skip)")
+    parser.add_argument("--memory-worlds", type=int, nargs="*", default=[2, 4],
+                        help="processes of the memory runs (none: skip)")
     parser.add_argument("--memory-size", type=int, default=64, help="image size of the memory run")
     parser.add_argument("--worker", choices=["throughput", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -313,7 +315,7 @@ def main() -> None:
                     "--rounds", args.rounds, "--threads", args.threads, "--memory-size", args.memory_size]
     started = time.time()
     throughput = {world: launch("throughput", world, args) for world in args.worlds}
-    memory = launch("memory", args.memory_world, args) if args.memory_world else None
+    memory = {world: launch("memory", world, args) for world in args.memory_worlds}
     print(report(throughput, memory, args))
     print(f"\n{time.time() - started:.0f} s; device: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {os.cpu_count()} cores'}")

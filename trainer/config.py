@@ -114,6 +114,8 @@ class EvalConfig:
     grid_images: int = 8
     fg_threshold: float = 0.5  # method: foreground where Σ_{class k} M_k > this (0.5 = argmax for K = 2)
     fg_threshold_from_val: bool = False  # choose fg_threshold on cam_split by mIoU, as for CAM
+    gate_threshold: float = 0.0  # preserve gate (trainer/gate.py): drop class regions g scores below this; 0 = off
+    gate_threshold_from_val: bool = False  # choose gate_threshold on cam_split by mIoU (0 = off is a candidate)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from .cam import cam_labels, cam_scores
 from .classifier import classifier_accuracy
 from .config import Config, ConfigError
 from .data import dataset_classes, eval_batches, split_has_masks
+from .gate import apply_gate, preserve_scores
 from .losses import mask_lets, reconstruction
 from .metrics import SegmentationMeter
 from .runtime import init_distributed, run_dir, set_threads, write_json
@@ -61,6 +62,23 @@ def choose_fg_threshold(model, cfg: Config, num_labels: int) -> tuple[float, dic
     return max(curve, key=curve.get), curve
 
 
+@torch.no_grad()
+def choose_gate_threshold(model, g, cfg: Config, num_labels: int, fg_threshold: float
+                          ) -> tuple[float, dict[float, float]]:
+    """The preserve gate's threshold chosen on the CAM split by mIoU; 0 (no gate) is one of the candidates."""
+    candidates = [0.0, *CAM_THRESHOLDS]
+    meters = {t: SegmentationMeter(num_labels) for t in candidates}
+    for batch in eval_batches(cfg, cfg.eval.cam_split):
+        images = batch["image"]
+        pred = model.predict_labels(model(images)["mask_logits"], fg_threshold)
+        scores = preserve_scores(g, images, pred, num_labels - 1, cfg.objective)
+        positive = batch["labels"].sum(1) > 0
+        for t, meter in meters.items():
+            meter.update(apply_gate(pred, scores, t), batch["mask"], positive)
+    curve = {t: m.summary()["miou"] for t, m in meters.items()}
+    return max(curve, key=curve.get), curve
+
+
 def _pick_grid_indices(labels: torch.Tensor, want_pos: int, want_neg: int) -> list[int]:
     picked = []
     for i, positive in enumerate((labels.sum(1) > 0).tolist()):
@@ -96,8 +114,12 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
     fg_threshold, fg_curve = cfg.eval.fg_threshold, {}
     if model is not None and cfg.eval.fg_threshold_from_val:
         fg_threshold, fg_curve = choose_fg_threshold(model, cfg, num_labels)
+    gate_threshold, gate_curve = cfg.eval.gate_threshold, {}
+    if model is not None and cfg.eval.gate_threshold_from_val:
+        gate_threshold, gate_curve = choose_gate_threshold(model, g, cfg, num_labels, fg_threshold)
     results: dict = {"classes": classes, "cam_threshold": threshold, "cam_threshold_curve": curve,
                      "fg_threshold": fg_threshold, "fg_threshold_curve": fg_curve,
+                     "gate_threshold": gate_threshold, "gate_threshold_curve": gate_curve,
                      "cam_threshold_split": cfg.eval.cam_split, "splits": {}}
     methods = (["method"] if model is not None else []) + ["CAM", *TRIVIAL]
     for split in cfg.eval.splits:
@@ -115,6 +137,9 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
             if model is not None:
                 net_out = model(images)
                 preds["method"] = model.predict_labels(net_out["mask_logits"], fg_threshold)
+                if gate_threshold > 0:
+                    gate_scores = preserve_scores(g, images, preds["method"], C, cfg.objective)
+                    preds["method"] = apply_gate(preds["method"], gate_scores, gate_threshold)
                 fg_area = (preds["method"] > 0).float().mean(dim=(1, 2))
                 areas["positive"] += fg_area[positive].tolist()
                 areas["negative"] += fg_area[~positive].tolist()
@@ -175,5 +200,6 @@ def results_table(results: dict) -> str:
             lines.append(f"| {split} | {method} | {res['g']['accuracy']:.3f} | {fg:.3f} | {s['background_iou']:.3f}"
                          f" | {s['miou']:.3f} | {s['negative_fp_area']:.3f} |")
     lines.append(f"\nCAM threshold {results['cam_threshold']} (chosen on {results['cam_threshold_split']}); "
-                 f"method foreground threshold {results.get('fg_threshold', 0.5)}.")
+                 f"method foreground threshold {results.get('fg_threshold', 0.5)}, preserve gate threshold "
+                 f"{results.get('gate_threshold', 0.0)} (0: off).")
     return "\n".join(lines) + "\n"
