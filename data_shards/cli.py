@@ -1,4 +1,4 @@
-"""`wsssrec data ...` subcommands: build toy-birds, convert user data, upload and list a data set.
+"""`wsssrec data ...` subcommands: build toy-birds or toy-multi, convert user data, upload and list a data set.
 
 Every OUT / MANIFEST argument takes a local folder or an s3://bucket/prefix (credentials and endpoint from
 the standard AWS environment: AWS_ENDPOINT_URL, AWS_PROFILE, ...)."""
@@ -9,13 +9,16 @@ import argparse
 from .manifest import DataError, read_manifest, url_sizes
 
 
-def _toy_birds(args: argparse.Namespace) -> None:
-    from .toy_birds import build_toy_birds
+def _toy(args: argparse.Namespace) -> None:
+    if args.data_command == "toy-multi":
+        from .toy_multi import build_toy_multi as build
+    else:
+        from .toy_birds import build_toy_birds as build
 
     counts = {"train": args.train, "val": args.val, "test_aligned": args.test, "test_conflict": args.test}
-    path = build_toy_birds(args.out, seed=args.seed, size=args.size, rho=args.rho, counts=counts,
-                           cache_dir=args.cache_dir, maxcount=args.maxcount)
-    print(f"wrote toy-birds to {path}")
+    path = build(args.out, seed=args.seed, size=args.size, rho=args.rho, counts=counts,
+                 cache_dir=args.cache_dir, maxcount=args.maxcount)
+    print(f"wrote {args.data_command} to {path}")
     _print_manifest(path)
 
 
@@ -72,19 +75,23 @@ def register(subparsers) -> argparse.ArgumentParser:
     data = subparsers.add_parser("data", help="build, convert and list shard data sets")
     commands = data.add_subparsers(dest="data_command", required=True)
 
-    toy = commands.add_parser("toy-birds", help="build the toy-birds data set (fetches Debian packages)")
-    toy.add_argument("--out", required=True, help="output folder or s3:// prefix for shards and manifest.json")
-    toy.add_argument("--seed", type=int, default=0)
-    toy.add_argument("--size", type=int, default=96, help="image side in pixels")
-    toy.add_argument("--rho", type=float, default=0.9, help="P(water | bird) = P(land | no bird) in train/val")
-    toy.add_argument("--train", type=int, default=2000, help="train samples")
-    toy.add_argument("--val", type=int, default=200, help="val samples")
-    toy.add_argument("--test", type=int, default=300, help="samples in each of test_aligned, test_conflict")
-    toy.add_argument("--cache-dir", default=None,
-                     help="Debian package cache (default $WSSSREC_CACHE/debian or ~/.cache/wsssrec/debian)")
-    toy.add_argument("--maxcount", type=int, default=250,
-                     help="samples per shard (several shards per split, so ranks x workers all get some)")
-    toy.set_defaults(func=_toy_birds)
+    for name, what, rho_help in (
+            ("toy-birds", "the toy-birds data set", "P(water | bird) = P(land | no bird) in train/val"),
+            ("toy-multi", "the multi-class toy-multi data set (bird, mammal, fish, fruit)",
+             "P(own background group | class) in train/val: bird, fish on water; mammal, fruit on land")):
+        toy = commands.add_parser(name, help=f"build {what} (fetches Debian packages)")
+        toy.add_argument("--out", required=True, help="output folder or s3:// prefix for shards and manifest.json")
+        toy.add_argument("--seed", type=int, default=0)
+        toy.add_argument("--size", type=int, default=96, help="image side in pixels")
+        toy.add_argument("--rho", type=float, default=0.9, help=rho_help)
+        toy.add_argument("--train", type=int, default=2000, help="train samples")
+        toy.add_argument("--val", type=int, default=200, help="val samples")
+        toy.add_argument("--test", type=int, default=300, help="samples in each of test_aligned, test_conflict")
+        toy.add_argument("--cache-dir", default=None,
+                         help="Debian package cache (default $WSSSREC_CACHE/debian or ~/.cache/wsssrec/debian)")
+        toy.add_argument("--maxcount", type=int, default=250,
+                         help="samples per shard (several shards per split, so ranks x workers all get some)")
+        toy.set_defaults(func=_toy)
 
     convert = commands.add_parser("convert", help="convert user data to shards")
     kinds = convert.add_subparsers(dest="convert_kind", required=True)

@@ -263,24 +263,37 @@ def _orig_box(photo: Photo, box) -> list[float]:
             round(ox + x1 / photo.scale, 1), round(oy + y1 / photo.scale, 1)]
 
 
-def compose(rng: np.random.Generator, size: int, photo: Photo, region: str, bird: Cutout | None,
-            distractors: list[Cutout]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One composite: (RGB uint8 image, uint8 mask, metadata)."""
+def background_crop(rng: np.random.Generator, size: int, photo: Photo, region: str) -> tuple[np.ndarray, tuple]:
+    """A random square crop of the photo's `region`, resized to the canvas: (H×W×3 float32 in [0,1], writable;
+    the crop box (x0, y0, x1, y1) in resized-photo pixels)."""
     rx0, ry0, rx1, ry1 = photo.regions[region]
     side = int(rng.integers(round(CROP_RANGE[0] * size), min(round(CROP_RANGE[1] * size), rx1 - rx0, ry1 - ry0) + 1))
     cx = int(rng.integers(rx0, rx1 - side + 1))
     cy = int(rng.integers(ry0, ry1 - side + 1))
     crop = Image.fromarray(photo.pixels[cy:cy + side, cx:cx + side])
     canvas = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-    canvas = np.array(canvas)  # writable
+    return np.array(canvas), (cx, cy, cx + side, cy + side)
 
+
+def paste_distractors(rng: np.random.Generator, canvas: np.ndarray, distractors: list[Cutout],
+                      max_count: int = MAX_DISTRACTORS, size_range: tuple = DISTRACTOR_RANGE) -> list[str]:
+    """0..max_count unlabelled objects pasted wholly inside the canvas; returns their names."""
+    size = canvas.shape[0]
     used = []
-    for _ in range(int(rng.integers(0, MAX_DISTRACTORS + 1))):
+    for _ in range(int(rng.integers(0, max_count + 1))):
         item = distractors[int(rng.integers(len(distractors)))]
-        pixels = _resized(item, round(rng.uniform(*DISTRACTOR_RANGE) * size), bool(rng.integers(2)))
+        pixels = _resized(item, round(rng.uniform(*size_range) * size), bool(rng.integers(2)))
         h, w = pixels.shape[:2]
         _paste(canvas, pixels, int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1)))
         used.append(item.name)
+    return used
+
+
+def compose(rng: np.random.Generator, size: int, photo: Photo, region: str, bird: Cutout | None,
+            distractors: list[Cutout]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One composite: (RGB uint8 image, uint8 mask, metadata)."""
+    canvas, crop_box = background_crop(rng, size, photo, region)
+    used = paste_distractors(rng, canvas, distractors)
 
     mask = np.zeros((size, size), np.uint8)
     bird_box = None
@@ -302,7 +315,7 @@ def compose(rng: np.random.Generator, size: int, photo: Photo, region: str, bird
         "bird_box": bird_box,
         "distractors": used,
         "region": region,
-        "crop": _orig_box(photo, (cx, cy, cx + side, cy + side)),
+        "crop": _orig_box(photo, crop_box),
         "region_box": _orig_box(photo, photo.regions[region]),
     }
     return image, mask, meta

@@ -15,3 +15,15 @@ def toy_dataset(tmp_path_factory) -> str:
     from data_shards.toy_birds import build_toy_birds
 
     return build_toy_birds(str(tmp_path_factory.mktemp("toy_birds")), progress=False, **TOY_ARGS)
+
+
+MULTI_ARGS = dict(seed=0, size=64, rho=0.9, maxcount=40,
+                  counts={"train": 80, "val": 40, "test_aligned": 40, "test_conflict": 40})
+
+
+@pytest.fixture(scope="session")
+def toy_multi_dataset(tmp_path_factory) -> str:
+    """Path of the manifest.json of a tiny toy-multi set (64 px; 80/40/40/40 samples; 40 per shard)."""
+    from data_shards.toy_multi import build_toy_multi
+
+    return build_toy_multi(str(tmp_path_factory.mktemp("toy_multi")), progress=False, **MULTI_ARGS)
