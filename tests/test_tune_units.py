@@ -159,3 +159,17 @@ def test_searchers_try_the_given_points_first_then_sample_the_space(searcher):
     for config in found[1:]:
         assert 0.1 <= config["lambda_m"] <= 10 and config["lambda_c"] == 0.5
         assert config["K"] in (2, 3, 4)
+
+
+def test_concurrency_fits_whole_trials_into_the_cluster():
+    from trainer.config import ConfigError
+    from tune.sweep import concurrency
+
+    # 2 CPUs, a trial = 0.5 (trial process) + 1 worker × 1 CPU: one trial at a time, never 4 half-started ones
+    assert concurrency(SweepConfig(), {"CPU": 2.0}) == 1
+    assert concurrency(SweepConfig(workers=2, trial_cpus=0.5, cpus_per_worker=1.0), {"CPU": 16.0}) == 6
+    assert concurrency(SweepConfig(max_concurrent=3), {"CPU": 2.0}) == 3  # explicit wins
+    gpu = SweepConfig(workers=2, use_gpu=True, cpus_per_worker=1.0)
+    assert concurrency(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
+    with pytest.raises(ConfigError, match="needs 2.5 CPUs"):
+        concurrency(SweepConfig(workers=2), {"CPU": 2.0})

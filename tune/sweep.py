@@ -149,7 +149,28 @@ def start_points(settings: SweepConfig, cfg, num_classes: int) -> list[dict[str,
     return points
 
 
-def make_searcher(settings: SweepConfig, points: list[dict[str, Any]], space: dict[str, Any]):
+def concurrency(settings: SweepConfig, resources: dict[str, float]) -> int:
+    """Trials at once: `sweep.max_concurrent`, or with 0 as many as the cluster's CPUs (and GPUs) hold whole
+    trials, each a trial process (`trial_cpus`) plus its Ray Train workers. Without this limit Tune starts
+    every pending trial's process, they take all CPUs, and no trial's workers can ever be placed."""
+    if settings.max_concurrent > 0:
+        return settings.max_concurrent
+    per_trial = settings.trial_cpus + settings.workers * settings.cpus_per_worker
+    limit = int(resources.get("CPU", 0) // per_trial) if per_trial > 0 else settings.num_samples
+    if settings.use_gpu:
+        limit = min(limit, int(resources.get("GPU", 0) // settings.workers))
+    if limit < 1:
+        from trainer.config import ConfigError
+
+        raise ConfigError(f"one trial needs {per_trial:g} CPUs (sweep.trial_cpus + sweep.workers × "
+                          f"sweep.cpus_per_worker){' and ' + str(settings.workers) + ' GPUs' if settings.use_gpu else ''}"
+                          f" but the Ray cluster has {resources.get('CPU', 0):g} CPUs and "
+                          f"{resources.get('GPU', 0):g} GPUs")
+    return limit
+
+
+def make_searcher(settings: SweepConfig, points: list[dict[str, Any]], space: dict[str, Any],
+                  max_concurrent: int = 0):
     if settings.searcher == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -166,7 +187,7 @@ def make_searcher(settings: SweepConfig, points: list[dict[str, Any]], space: di
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(points_to_evaluate=points or None, random_state=settings.seed,
-                                 max_concurrent=settings.max_concurrent)
+                                 max_concurrent=max_concurrent)
 
 
 def trainable(base: dict[str, Any], plan: dict[str, Any], settings: SweepConfig):
@@ -212,6 +233,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """The whole sweep; returns its summary (best trial, registry decision, per-trial rows)."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -264,6 +286,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(state_path, state)
 
     init_ray(settings)
+    limit = concurrency(settings, ray.cluster_resources())
+    print(f"at most {limit} trial(s) at once")
     started = time.time()
     recorder = SweepRecorder(sweep_dir / "trials.json", len(plan["rung_ends"]), plan["split"], base, tracking)
     if args.resume:
@@ -278,10 +302,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             trainable(base, plan, settings),
             param_space=space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
-                                        search_alg=make_searcher(settings, points, space),
+                                        search_alg=make_searcher(settings, points, space, limit),
                                         num_samples=settings.num_samples,
-                                        max_concurrent_trials=(settings.max_concurrent or None)
-                                        if settings.searcher == "optuna" else None),
+                                        max_concurrent_trials=limit if settings.searcher == "optuna" else None),
             run_config=tune.RunConfig(name=settings.name, storage_path=storage, callbacks=[recorder],
                                       failure_config=tune.FailureConfig(max_failures=0)))
     tuner.fit()
