@@ -166,48 +166,89 @@ def pasted(M_fg: torch.Tensor, I: torch.Tensor, background: torch.Tensor) -> tor
 
 def L_paste(segment: Callable[[torch.Tensor], dict], I: torch.Tensor, y: torch.Tensor, M_fg: torch.Tensor,
             num_classes: int) -> torch.Tensor:
-    """Background-swap consistency (cut-and-paste, Remez et al. 2018): each positive image's object, cut out
-    by the current mask (no gradient), is pasted onto a negative image of the batch, and the mask network must
-    return the same (hardened) mask there. The training set pairs birds with water and negatives with land,
-    so these composites are exactly the pairings the bias hides; a mask that leans on the background fails
-    them. BCE averaged over pixels of the pasted images; 0 when the batch lacks positives or negatives."""
+    """Background-swap consistency (cut-and-paste, Remez et al. 2018): each positive image's objects, cut out
+    by the current mask (no gradient), are pasted onto a negative image of the batch, and the mask network must
+    return the same (hardened) mask there, class by class. The training set pairs each class with its own
+    background group, so these composites are exactly the pairings the bias hides; a mask that leans on the
+    background fails them. `M_fg` is B×H×W (C = 1) or the class mask-lets B×C×H×W. BCE averaged over pixels
+    (and classes) of the pasted images; 0 when the batch lacks positives or negatives."""
     positive = y.sum(dim=1) > 0
     if positive.all() or not positive.any():
         # still one forward, weighted 0: every rank must run the same number of forwards (ZeRO-3 gathers the
         # parameters collectively in each one, and a rank that skipped it would hang the others)
         return segment(I[:1])["mask_logits"].sum() * 0.0
-    source = M_fg[positive].detach()
+    per_class = M_fg if M_fg.dim() == 4 else M_fg.unsqueeze(1)
+    source = per_class[positive].detach()
     backgrounds = I[~positive]
     backgrounds = backgrounds[torch.arange(source.shape[0], device=I.device) % backgrounds.shape[0]]
-    composite = pasted(source, I[positive], backgrounds)
-    M_new = foreground(mask_lets(segment(composite)["mask_logits"]), num_classes)
+    composite = pasted(source.sum(dim=1), I[positive], backgrounds)
+    M_new = mask_lets(segment(composite)["mask_logits"])[:, :num_classes]
     return bce(M_new, (source > 0.5).to(M_new.dtype)).mean()
+
+
+def classifier_rows(M: torch.Tensor, M_fg: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
+    """The (image, mask) pairs the classifier terms look at, in image order: one per tagged class c of an
+    image (mask M_c; preserved target e_c, deleted target y − e_c) and one per untagged image (mask M_fg, both
+    targets 0). M_fg = Σ_{class k} M_k. Returns (image index, mask R×H×W, preserve targets R×C, delete targets
+    R×C). For C = 1 this is one row per image with mask M_fg and targets y, 0: the binary objective exactly."""
+    B, C = y.shape
+    if C == 1:  # the general path gives these rows too; without the gather the gradient is bitwise the binary one
+        return torch.arange(B, device=y.device), M_fg, y, torch.zeros_like(y)
+    tagged = y > 0
+    untagged = ~tagged.any(dim=1)
+    # (b, c) pairs in image order; c = C stands for "all class components" of an untagged image
+    pairs = torch.cat([tagged, untagged[:, None]], dim=1).nonzero()
+    image, comp = pairs[:, 0], pairs[:, 1]
+    masks_with_fg = torch.cat([M[:, :C], M_fg[:, None]], dim=1)
+    rows = masks_with_fg[image, comp]
+    eye = torch.cat([torch.eye(C, dtype=y.dtype, device=y.device), torch.zeros(1, C, dtype=y.dtype, device=y.device)])
+    keep = eye[comp]
+    return image, rows, keep, y[image] - keep
+
+
+def L_absent(M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ over the classes an image is not tagged with of the area a_c = mean_px M_c, mean over images: a
+    class component must be empty where its class is absent (multi-class; `objective.absent_weight`)."""
+    C = y.shape[1]
+    return ((1 - y) * M[:, :C].mean(dim=(2, 3))).sum(dim=1).mean()
 
 
 def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier,
                               cfg: ObjectiveConfig, training: bool = True,
                               segment: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
     """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
-    + tv_weight·L_tv) + recon_weight·L_recon + paste_weight·L_paste (the last only while training, given the
-    mask network `segment`)."""
+    + tv_weight·L_tv + absent_weight·L_absent) + recon_weight·L_recon + paste_weight·L_paste (the last only
+    while training, given the mask network `segment`).
+
+    For C classes the classifier terms work per tagged class on the class's own component (`classifier_rows`):
+    keeping only M_c must read as class c alone, removing M_c must remove class c and keep the others. L_tv is
+    summed over the class components, L_paste is checked class by class. For C = 1 every term is the binary
+    one unchanged."""
     C = y.shape[1]
     M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
     M_fg = foreground(M, C)
     fill = fill_image(I, cfg)
-    B = I.shape[0]
-    both = g(torch.cat([preserved(M_fg, I, fill), deleted(M_fg, I, fill)]))  # one batched pass through g
+    image, rows, keep_targets, delete_targets = classifier_rows(M, M_fg, y)
+    R = rows.shape[0]
+    I_rows, fill_rows = I[image], fill[image]
+    both = g(torch.cat([preserved(rows, I_rows, fill_rows), deleted(rows, I_rows, fill_rows)]))  # one pass
     terms = {
-        "L_preserve": L_preserve(lambda _: both[:B], None, y),
-        "L_delete": L_delete(lambda _: both[B:], None),
+        "L_preserve": L_preserve(lambda _: both[:R], None, keep_targets),
+        "L_delete": F.binary_cross_entropy_with_logits(both[R:], delete_targets),
         "L_area": L_area(M_fg),
-        "L_tv": L_tv(M_fg, I, cfg.edge_aware_tv),
+        # per class component; C = 1 reads M_fg (= M_0) so gradients accumulate in the binary code's order
+        "L_tv": sum(L_tv(M_c, I, cfg.edge_aware_tv) for M_c in (M[:, :C].unbind(1) if C > 1 else [M_fg])),
         "L_recon": L_recon(reconstruction(M, out["imagelets"]), I),
     }
     terms["loss"] = (cfg.lambda_c * (cfg.preserve_weight * terms["L_preserve"] + cfg.delete_weight * terms["L_delete"])
                      + cfg.lambda_m * (cfg.area_weight * terms["L_area"] + cfg.tv_weight * terms["L_tv"])
                      + cfg.recon_weight * terms["L_recon"])
+    if cfg.absent_weight > 0:
+        terms["L_absent"] = L_absent(M, y)
+        terms["loss"] = terms["loss"] + cfg.lambda_m * cfg.absent_weight * terms["L_absent"]
     if cfg.paste_weight > 0 and training and segment is not None:
-        terms["L_paste"] = L_paste(segment, I, y, M_fg, C)
+        terms["L_paste"] = L_paste(segment, I, y, M[:, :C] if C > 1 else M_fg, C)
         terms["loss"] = terms["loss"] + cfg.paste_weight * terms["L_paste"]
     return terms
 
