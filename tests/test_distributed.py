@@ -277,6 +277,26 @@ def test_resume_is_bitwise_identical_to_uninterrupted(killed_and_resumed, zero2_
 
 
 @pytest.mark.slow
+def test_torchrun_runs_the_same_training(work, zero2_run):
+    """torchrun (plain torch env, no DeepSpeed launcher) with 2 processes and the same settings: the same
+    per-step losses as the `deepspeed` launch, one consolidated segmenter, a checkpoint marked for 2 ranks."""
+    work, common = work
+    steps = 4
+    log = work / "torchrun.log"
+    _run([BIN / "torchrun", "--nproc_per_node", 2, "--master_addr", "127.0.0.1", "--master_port", _free_port(),
+          "-m", "trainer", "train", *common, "train.run_name=torchrun", f"train.steps={steps}",
+          "train.checkpoint_every=0"], log, work)
+    run = work / "runs" / "torchrun"
+    assert log.read_text().count("stage 2 done") == 1, "only rank 0 reports"
+    assert _history(run) == _history(zero2_run[0])[:steps]
+    marker = json.loads((run / "checkpoints" / f"step{steps:07d}" / "complete.json").read_text())
+    assert marker["world_size"] == 2 and marker["step"] == steps
+    from trainer.train import load_segmenter
+
+    load_segmenter(run / "segmenter.pt")  # strict load into a fresh model
+
+
+@pytest.mark.slow
 def test_other_world_size_fails_clearly_then_converts(work, zero2_run):
     """A 2-rank ZeRO-2 checkpoint in 1 process: a clear error naming the conversion; after DeepSpeed's
     ds_to_universal it resumes, with the weights of the checkpoint."""
