@@ -54,14 +54,15 @@ def cmd_train_classifier(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .registry import forget_stage_run, register_stage, resolve_classifier
+    from .registry import forget_stage_run, register_stage, resolve_classifier, resolve_init_from
     from .train import train_segmenter
 
     cfg = _config(args)
     _check_tracking(cfg)
     g_lineage = resolve_classifier(cfg)  # every rank needs g's weights: models:/ → a local file
+    init_lineage = resolve_init_from(cfg)  # the same for model.init_from
     forget_stage_run(cfg, "segmenter")
-    path = train_segmenter(cfg)
+    path = train_segmenter(cfg, init_lineage=init_lineage)
     if _registers(cfg):
         register_stage(cfg, "segmenter", path, g_lineage)
 
@@ -82,6 +83,10 @@ def cmd_eval(args) -> None:
         segmenter = str(local / "data" / "segmenter.pt")
     results = evaluate(cfg, segmenter_path=segmenter, with_segmenter=not args.cam_only)
     print(results_table(results))
+    if len(results["classes"]) > 1:
+        from .multiclass import per_class_table
+
+        print(per_class_table(results))
     for split, res in results["splits"].items():
         print(f"grid {split}: {res['grid']}")
 
@@ -156,6 +161,15 @@ def cmd_registry(args) -> None:
 
     if args.registry_command == "ls":
         print(format_versions(list_versions(args.names or None, args.tracking_uri)))
+    elif args.registry_command == "add":
+        import os
+
+        from .registry import register_file
+
+        if args.tracking_uri:  # MLflow's sqlite registry looks the logged model up through the variable
+            os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+        mv = register_file(args.weights, args.alias, args.tracking_uri, args.classifier)
+        print(f"models:/{mv.name}/{mv.version}")
     else:
         uri = promote(args.name, args.version, args.alias, args.tracking_uri)
         print(f"{uri} → version {args.version}")
@@ -211,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = p.add_subparsers(dest="registry_command", required=True)
     r = rsub.add_parser("ls", help="registered models and versions with aliases, lineage and key metrics")
     r.add_argument("names", nargs="*", help="model names (default: all)")
+    r.add_argument("--tracking-uri", help="MLflow server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    r = rsub.add_parser("add", help="register a segmenter.pt from an earlier run (its stored config and classes)")
+    r.add_argument("weights", help="segmenter.pt")
+    r.add_argument("--alias", default=None, help="also point this alias (e.g. champion) at the new version")
+    r.add_argument("--classifier", help="g's classifier.pt (default: the one in the stored config)")
     r.add_argument("--tracking-uri", help="MLflow server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     r = rsub.add_parser("promote", help="point an alias (default champion) at a version")
     r.add_argument("name")

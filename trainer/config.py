@@ -66,6 +66,7 @@ class ModelConfig:
     encoder_init: str = "g"  # efficientnet encoder weights: "g" (fine-tuned trunk) | "imagenet" (before stage 1)
     encoder_trainable: bool = False
     encoder_unfreeze_step: int = -1  # ≥ 0: fine-tune the pretrained encoder from this step on
+    init_from: str = ""  # start from a segmenter: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., a .pt path
 
 
 @dataclass

@@ -222,6 +222,37 @@ def resolve_classifier(cfg: Config) -> dict[str, str]:
             "classifier.model_version": ref.version or "", "classifier.weights_sha256": file_sha256(weights)}
 
 
+def resolve_init_from(cfg: Config) -> dict[str, str]:
+    """`model.init_from=models:/NAME@ALIAS` (or /VERSION, runs:/...): download that segmenter into the run
+    folder and point the config at its segmenter.pt; a local path must exist. Returns the lineage the run and
+    the registered model record: the URI asked for, the resolved version and its run, the weights' hash."""
+    from .config import ConfigError
+    from .runtime import run_dir
+
+    uri = cfg.model.init_from
+    if not uri:
+        return {}
+    if not is_model_uri(uri):
+        if not Path(uri).is_file():
+            raise ConfigError(f"model.init_from = {uri!r}: no such segmenter checkpoint (expected a segmenter.pt "
+                              "path or a models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ URI)")
+        return {"init_from": uri, "init_from.weights_sha256": file_sha256(uri)}
+    where = tracking_uri(cfg)
+    ref = resolve(connect(where), uri, where)
+    tag = f"{ref.name}-v{ref.version}" if ref.version else hashlib.sha1(uri.encode()).hexdigest()[:12]
+    target = run_dir(cfg) / "registry" / f"init-{tag}"
+    weights = target / "data" / "segmenter.pt"
+    if not weights.is_file() or file_sha256(weights) != ref.tags.get("weights_sha256", file_sha256(weights)):
+        _, target = download(ref.canonical, target, where)
+    if not weights.is_file():
+        raise RegistryError(f"model.init_from {uri} ({ref.canonical}) is not a wsssrec segmenter: no "
+                            "data/segmenter.pt in it")
+    cfg.model.init_from = str(weights)
+    print(f"init_from: {uri} → {ref.canonical} ({weights})")
+    return {"init_from": uri, "init_from.model_uri": ref.canonical, "init_from.model_version": ref.version or "",
+            "init_from.run_id": ref.run_id or "", "init_from.weights_sha256": file_sha256(weights)}
+
+
 def register(cfg: Config, kind: str, weights: str | Path, classes: list[str], run_id: str | None,
              metrics: dict[str, float] | None = None, g_lineage: dict[str, str] | None = None,
              alias: str | None = None, extra_files: dict[str, str | Path] | None = None):
@@ -269,6 +300,27 @@ def register(cfg: Config, kind: str, weights: str | Path, classes: list[str], ru
         client.set_registered_model_alias(name, alias, version)
     print(f"registered {kind}: models:/{name}/{version}" + (f" (alias {alias}: models:/{name}@{alias})" if alias else ""))
     return client.get_model_version(name, version)
+
+
+def register_file(weights: str | Path, alias: str | None = None, uri: str | None = None,
+                  classifier: str | None = None):
+    """Register a segmenter.pt written earlier (its stored config and classes; g's lineage from `classifier`
+    or the stored classifier.checkpoint, registered too when the registry does not hold it yet)."""
+    import torch
+
+    from .config import config_from_dict
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"segmenter checkpoint {weights} does not exist")
+    blob = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "config" not in blob or "classes" not in blob:
+        raise RegistryError(f"{weights} is not a wsssrec segmenter.pt (no stored config and classes)")
+    cfg = config_from_dict(blob["config"], strict=False)
+    cfg.mlflow.tracking_uri = uri or tracking_uri()
+    g_path = Path(classifier or cfg.classifier.checkpoint)
+    g_lineage = ensure_classifier_registered(cfg, g_path) if g_path.is_file() else {}
+    return register(cfg, "segmenter", weights, list(blob["classes"]), None, g_lineage=g_lineage, alias=alias)
 
 
 def promote(name: str, version: str, alias: str, uri: str | None = None) -> str:
@@ -355,6 +407,9 @@ def register_stage(cfg: Config, kind: str, weights: str | Path, g_lineage: dict[
     metrics: dict[str, float] = {}
     if kind == "segmenter":
         g_lineage = classifier_lineage(client, cfg, classifier_path(cfg), g_lineage)
+        init_record = Path(weights).parent / "init_from.json"  # written by a run started with model.init_from
+        if cfg.model.init_from and init_record.is_file():
+            g_lineage = {**g_lineage, **json.loads(init_record.read_text())["lineage"]}
         if eval_run_id:
             metrics = {k: v for k, v in client.get_run(eval_run_id).data.metrics.items()
                        if "/method/" in k or "/g_" in k or "/CAM/miou" in k}

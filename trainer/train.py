@@ -61,20 +61,67 @@ def load_segmenter(path: str | Path, g_net=None) -> tuple[Segmenter, Config, lis
     return model, cfg, classes
 
 
+def init_from_checkpoint(model: Segmenter, path: str | Path) -> dict[str, list[str]]:
+    """Copy every tensor of a segmenter checkpoint whose name and shape match into `model` (the shared encoder,
+    decoder stages; a mask head for another K or C does not match and keeps its fresh initialisation). Returns
+    the key names: loaded, skipped (shape mismatch), missing (not in the checkpoint), unused (only there)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    source = blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
+    own = model.state_dict()
+    report: dict[str, list[str]] = {"loaded": [], "skipped": [], "missing": [], "unused": sorted(set(source) - set(own))}
+    matched = {}
+    for key, tensor in own.items():
+        if key not in source:
+            report["missing"].append(key)
+        elif source[key].shape != tensor.shape:
+            report["skipped"].append(f"{key} {tuple(source[key].shape)} -> {tuple(tensor.shape)}")
+        else:
+            matched[key] = source[key]
+            report["loaded"].append(key)
+    model.load_state_dict(matched, strict=False)
+    return report
+
+
+def start_from(model: Segmenter, cfg: Config, lineage: dict[str, str], out: Path) -> dict[str, str]:
+    """`model.init_from`: load the matching tensors, print what was loaded and skipped, keep the report and the
+    lineage in <run dir>/init_from.json; returns the MLflow tags for the run."""
+    report = init_from_checkpoint(model, cfg.model.init_from)
+    lineage = lineage or {"init_from": cfg.model.init_from}
+    n_loaded = sum(own.numel() for k, own in model.state_dict().items() if k in set(report["loaded"]))
+    print(f"init_from {lineage['init_from']}: loaded {len(report['loaded'])} tensors ({n_loaded} values), "
+          f"skipped {len(report['skipped'])} (shape mismatch), {len(report['missing'])} not in the checkpoint")
+    for line in report["skipped"]:
+        print(f"  skipped {line}")
+    for key in report["missing"]:
+        print(f"  missing {key}")
+    write_json(out / "init_from.json", {"lineage": lineage, **report})
+    return {**lineage, "init_from.loaded": len(report["loaded"]), "init_from.skipped": len(report["skipped"]),
+            "init_from.missing": len(report["missing"])}
+
+
 def unfreeze_encoder(model: Segmenter, optimizer, lr: float) -> None:
     """`model.encoder_unfreeze_step`: fine-tune the pretrained encoder from then on, at a tenth of the lr."""
     model.encoder.set_trainable(True)
     optimizer.add_param_group({"params": list(model.encoder.parameters()), "lr": lr * 0.1})
 
 
-def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iterator[dict] | None = None) -> Path:
+def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iterator[dict] | None = None,
+                    init_lineage: dict[str, str] | None = None) -> Path:
     """Train f_m and f_x; returns the path of segmenter.pt. `batches` replaces this rank's training stream
-    (tests use it to fix the data order across world sizes)."""
+    (tests use it to fix the data order across world sizes); `init_lineage` is what `resolve_init_from` said
+    about `model.init_from`."""
     rank, world, out = start_stage(cfg)
     classes = dataset_classes(cfg)
     g_net, g = load_frozen_g(cfg, len(classes))  # g stays outside the engine: frozen, eval mode, unsharded
     model = build_segmenter(cfg, len(classes), g_net)
     model.check_size(cfg.data.image_size, cfg.data.image_size)
+    init_tags = {}
+    if cfg.model.init_from:
+        from .registry import is_model_uri, resolve_init_from
+
+        if is_model_uri(cfg.model.init_from):  # `wsssrec train` resolves it before; demo and sweeps get here
+            init_lineage = resolve_init_from(cfg)
+        init_tags = start_from(model, cfg, init_lineage, out)
     ds_config = deepspeed_config(cfg, cfg.data.batch_size)
     unfreeze_step = cfg.model.encoder_unfreeze_step if hasattr(model.encoder, "set_trainable") else -1
     if unfreeze_step >= 0 and (zero_stage(ds_config) > 0 or cfg.train.bf16):
@@ -94,7 +141,9 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
                       parent_run_id=parent_run_id)
     tracker.set_tags({"trainable_parameters": count_parameters(model, True),
                       "parameters": count_parameters(model), "world_size": world,
-                      "zero_stage": zero_stage(ds_config), "global_batch": micro * accum * world})
+                      "zero_stage": zero_stage(ds_config), "global_batch": micro * accum * world, **init_tags})
+    if init_tags:
+        tracker.log_artifact(out / "init_from.json")
     engine.train()
     g.train()  # a no-op by construction: g stays in eval mode
     bar = tqdm(range(state.step, cfg.train.steps), desc="stage 2: segmenter", disable=rank != 0,

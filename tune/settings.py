@@ -4,6 +4,7 @@ experiment config is a sweep with the default settings. `sweep.x=v` overrides go
 `key.sub=value` overrides to the experiment."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ METRICS = ("auto", "miou", "loss")
 @dataclass
 class SearchSpace:
     """λ_m and λ_c are drawn log-uniformly from [low, high]; K uniformly from the integers [low, high]
-    (0 stands for C + 1; components beyond C + 1 are extra background components). low == high fixes a value."""
+    (0 stands for C + 1; components beyond C + 1 are extra background components; a bound may also be written
+    relative to the data set's C, e.g. ["C+1", "2C+1"]). low == high fixes a value."""
     lambda_m: list = field(default_factory=lambda: [0.1, 10.0])
     lambda_c: list = field(default_factory=lambda: [0.1, 10.0])
     K: list = field(default_factory=lambda: [0, 0])
@@ -74,23 +76,42 @@ def _check(settings: SweepConfig) -> None:
         raise ConfigError("sweep.trial_cpus must be > 0 (Ray schedules a trial only with some CPU)")
     for key in ("lambda_m", "lambda_c", "K"):
         value = getattr(settings.search, key)
-        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
-                and value[0] <= value[1]):
+        numeric = isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
+        if key == "K" and isinstance(value, list) and len(value) == 2 and not numeric:
+            if all(isinstance(v, (int, float)) or (isinstance(v, str) and K_EXPRESSION.match(v)) for v in value):
+                continue  # bounds in C: ordered once C is known (k_range)
+            raise ConfigError(f"sweep.search.K bounds are integers or expressions in C such as 'C+1' or "
+                              f"'2C+1', got {value!r}")
+        if not (isinstance(value, list) and len(value) == 2 and numeric and value[0] <= value[1]):
             raise ConfigError(f"sweep.search.{key} must be [low, high] with low <= high, got {value!r}")
     for key in ("lambda_m", "lambda_c"):
         if getattr(settings.search, key)[0] <= 0:
             raise ConfigError(f"sweep.search.{key} is log-uniform: low must be > 0, "
                               f"got {getattr(settings.search, key)}")
-    if not all(float(v).is_integer() for v in settings.search.K):
+    if not all(isinstance(v, str) or float(v).is_integer() for v in settings.search.K):
         raise ConfigError(f"sweep.search.K must hold integers, got {settings.search.K}")
     for point in settings.points_to_evaluate:
         if not isinstance(point, dict) or not set(point) <= {"lambda_m", "lambda_c", "K"}:
             raise ConfigError(f"sweep.points_to_evaluate entries are {{lambda_m, lambda_c, K}} mappings, got {point!r}")
 
 
+K_EXPRESSION = re.compile(r"^\s*(\d*)\s*C\s*(?:([+-])\s*(\d+))?\s*$")
+
+
+def k_bound(value: int | float | str, num_classes: int) -> int:
+    """One K bound as an integer: 0 → C + 1; an expression "aC+b" (e.g. "C+1", "2C+1") → a·C + b."""
+    if isinstance(value, str):
+        match = K_EXPRESSION.match(value)
+        if not match:
+            raise ConfigError(f"sweep.search.K bound {value!r} is not an integer or an expression like '2C+1'")
+        offset = int(match[3] or 0) * (-1 if match[2] == "-" else 1)
+        return int(match[1] or 1) * num_classes + offset
+    return int(value) or num_classes + 1
+
+
 def k_range(settings: SweepConfig, num_classes: int) -> tuple[int, int]:
     """The searched K as integers, 0 resolved to C + 1; below C + 1 is an error naming the key."""
-    low, high = (int(v) or num_classes + 1 for v in settings.search.K)
+    low, high = (k_bound(v, num_classes) for v in settings.search.K)
     if low < num_classes + 1:
         raise ConfigError(f"sweep.search.K = {settings.search.K}: K must be at least C + 1 = {num_classes + 1} "
                           f"(C = {num_classes} classes; components beyond C + 1 are background)")

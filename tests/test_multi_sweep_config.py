@@ -1,0 +1,24 @@
+"""configs/sweep_toy_multi.yaml: K searched from C + 1 to 2C + 1, written relative to the data set's C."""
+import pytest
+
+from trainer.config import ConfigError
+from tune.settings import SweepConfig, k_bound, k_range, load_sweep
+
+
+def test_toy_multi_sweep_k_range_is_relative_to_C():
+    sweep = load_sweep("configs/sweep_toy_multi.yaml")
+    assert sweep.experiment.data.url == "data/toy-multi/manifest.json"
+    assert sweep.experiment.train.steps == 400
+    assert k_range(sweep.settings, 4) == (5, 9)
+    assert k_range(sweep.settings, 1) == (2, 3)
+    assert sweep.settings.search.lambda_m == [0.1, 10.0] and sweep.settings.search.lambda_c == [0.1, 10.0]
+
+
+def test_k_bounds():
+    assert [k_bound(v, 4) for v in (0, 7, "C+1", "2C+1", "C", "3C-2", " 2 C + 1 ")] == [5, 7, 5, 9, 4, 10, 9]
+    settings = SweepConfig()
+    settings.search.K = ["C", "2C+1"]
+    with pytest.raises(ConfigError, match="at least C \\+ 1 = 5"):
+        k_range(settings, 4)
+    with pytest.raises(ConfigError, match="sweep.search.K"):
+        load_sweep("configs/sweep_toy_multi.yaml", ["sweep.search.K=[C+1, lots]"])
