@@ -101,15 +101,20 @@ def resize_for_model(image: np.ndarray, size: int) -> torch.Tensor:
 # ---- predictors (the model class comes from our package) ----
 
 @dataclass
-class SegmenterPredictor:
+class _Predictor:
+    """A loaded model in eval mode with its config, classes and input size."""
     model: torch.nn.Module
     cfg: Config
     classes: list[str]
-    kind: str = "segmenter"
 
     def __post_init__(self) -> None:
         self.model.eval()
         self.image_size = self.cfg.data.image_size
+
+
+@dataclass
+class SegmenterPredictor(_Predictor):
+    kind: str = "segmenter"
 
     @torch.no_grad()
     def segment(self, images: list[np.ndarray], probabilities: bool = False,
@@ -133,15 +138,8 @@ class SegmenterPredictor:
 
 
 @dataclass
-class ClassifierPredictor:
-    model: torch.nn.Module
-    cfg: Config
-    classes: list[str]
+class ClassifierPredictor(_Predictor):
     kind: str = "classifier"
-
-    def __post_init__(self) -> None:
-        self.model.eval()
-        self.image_size = self.cfg.data.image_size
 
     @torch.no_grad()
     def classify(self, images: list[np.ndarray], batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
