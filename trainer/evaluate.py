@@ -18,6 +18,8 @@ from .data import dataset_classes, eval_batches, split_has_masks
 from .gate import apply_gate, preserve_scores
 from .losses import mask_lets, reconstruction
 from .metrics import SegmentationMeter
+from .multiclass import (PerClassThresholdSearch, bias_groups, cam_labels_per_class, class_report,
+                         per_class_table, save_confusion_png)
 from .runtime import init_distributed, run_dir, set_threads, write_json
 from .tracking import Tracker
 from .train import load_frozen_g, load_segmenter, segmenter_checkpoint
@@ -47,6 +49,15 @@ def choose_cam_threshold(g, cfg: Config, num_labels: int) -> tuple[float, dict[f
             meter.update(cam_labels(scores, t), batch["mask"], positive)
     curve = {t: m.summary()["miou"] for t, m in meters.items()}
     return max(curve, key=curve.get), curve
+
+
+@torch.no_grad()
+def choose_cam_thresholds_per_class(g, cfg: Config, num_classes: int) -> tuple[list[float], list[dict]]:
+    """C > 1: one CAM threshold per class, each chosen on `eval.cam_split` (multiclass.PerClassThresholdSearch)."""
+    search = PerClassThresholdSearch(num_classes, CAM_THRESHOLDS)
+    for batch in eval_batches(cfg, cfg.eval.cam_split):
+        search.update(cam_scores(g, batch["image"]), batch["mask"], batch["labels"])
+    return search.best()
 
 
 @torch.no_grad()
@@ -121,9 +132,15 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
                      "fg_threshold": fg_threshold, "fg_threshold_curve": fg_curve,
                      "gate_threshold": gate_threshold, "gate_threshold_curve": gate_curve,
                      "cam_threshold_split": cfg.eval.cam_split, "splits": {}}
+    class_thresholds = None
+    if C > 1:  # CAM for every class, each with its own threshold chosen on val
+        class_thresholds, class_curves = choose_cam_thresholds_per_class(g, cfg, C)
+        results["cam_thresholds"] = dict(zip(classes, class_thresholds))
+        results["cam_threshold_curves"] = dict(zip(classes, class_curves))
     methods = (["method"] if model is not None else []) + ["CAM", *TRIVIAL]
     for split in cfg.eval.splits:
         meters = {m: SegmentationMeter(num_labels) for m in methods}
+        group_meters: dict[str, dict[str, SegmentationMeter]] = {m: {} for m in methods}  # by sample bias group
         rows, pos_left, neg_left = [], (cfg.eval.grid_images + 1) // 2, cfg.eval.grid_images // 2
         areas = {"positive": [], "negative": []}
         for batch in tqdm(eval_batches(cfg, split), desc=f"eval {split}", dynamic_ncols=True, leave=False):
@@ -131,7 +148,8 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
             positive = labels.sum(1) > 0
             size = tuple(images.shape[-2:])
             scores = cam_scores(g, images)
-            preds = {"CAM": cam_labels(scores, threshold)}
+            preds = {"CAM": cam_labels(scores, threshold) if class_thresholds is None
+                     else cam_labels_per_class(scores, class_thresholds)}
             for name in TRIVIAL:
                 preds[name] = trivial_labels(name, labels, size)
             if model is not None:
@@ -143,8 +161,13 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
                 fg_area = (preds["method"] > 0).float().mean(dim=(1, 2))
                 areas["positive"] += fg_area[positive].tolist()
                 areas["negative"] += fg_area[~positive].tolist()
+            groups = bias_groups(batch.get("meta", []))
             for name, pred in preds.items():
                 meters[name].update(pred, truth, positive)
+                for group in sorted({b for b in groups if b}):
+                    pick = torch.tensor([b == group for b in groups])
+                    meter = group_meters[name].setdefault(group, SegmentationMeter(num_labels))
+                    meter.update(pred[pick], truth[pick], positive[pick])
             for i in _pick_grid_indices(labels, pos_left, neg_left):
                 pos_left -= int(positive[i])
                 neg_left -= int(not positive[i])
@@ -160,6 +183,18 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
                         "methods": {m: meters[m].summary() for m in methods}}
         if model is not None:
             split_result["mean_fg_area"] = {k: float(np.mean(v)) if v else float("nan") for k, v in areas.items()}
+        if C > 1:
+            split_result["classes"] = {m: class_report(meters[m], classes) for m in methods}
+            split_result["bias_groups"] = {
+                m: {group: {**meter.summary(), "images": meter.positive_images + meter.negative_images,
+                            "worst_class_iou": class_report(meter, classes)["worst_class_iou"]}
+                    for group, meter in sorted(group_meters[m].items())} for m in methods}
+            for m in ("method", "CAM"):
+                if m in split_result["classes"]:
+                    png = save_confusion_png(split_result["classes"][m], out / f"confusion_{split}_{m}.png",
+                                             title=f"{cfg.train.run_name} {split} {m}")
+                    split_result.setdefault("confusion_png", {})[m] = str(png)
+                    tracker.log_artifact(png, "confusion")
         grid = save_grid(rows, out / f"grid_{split}.png", K=model.K if model is not None else 0,
                          title=f"{cfg.train.run_name} {split}")
         split_result["grid"] = str(grid)
@@ -168,10 +203,18 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
         flat = {f"{split}/g_{k}": v for k, v in split_result["g"].items()}
         for m, summary in split_result["methods"].items():
             flat.update({f"{split}/{m}/{k}": v for k, v in summary.items() if np.isfinite(v)})
+        for m, report in split_result.get("classes", {}).items():
+            flat.update({f"{split}/{m}/iou_{name}": v for name, v in report["per_class_iou"].items() if np.isfinite(v)})
+            if np.isfinite(report["worst_class_iou"]):
+                flat[f"{split}/{m}/worst_class_iou"] = report["worst_class_iou"]
+        for m, by_group in split_result.get("bias_groups", {}).items():
+            flat.update({f"{split}/{m}/{group}/miou": s["miou"] for group, s in by_group.items() if np.isfinite(s["miou"])})
         tracker.log_metrics(flat)
     _gate_warning(results)
     write_json(out / "results.json", results)
     table = results_table(results)
+    if C > 1:
+        table += "\n" + per_class_table(results)
     (out / "results.md").write_text(table)
     tracker.log_artifact(out / "results.json")
     tracker.log_artifact(out / "results.md")
@@ -199,7 +242,8 @@ def results_table(results: dict) -> str:
             fg = np.nanmean([v for k, v in s.items() if k.startswith("iou_")])
             lines.append(f"| {split} | {method} | {res['g']['accuracy']:.3f} | {fg:.3f} | {s['background_iou']:.3f}"
                          f" | {s['miou']:.3f} | {s['negative_fp_area']:.3f} |")
-    lines.append(f"\nCAM threshold {results['cam_threshold']} (chosen on {results['cam_threshold_split']}); "
+    cam = results.get("cam_thresholds") or results["cam_threshold"]  # one per class when C > 1
+    lines.append(f"\nCAM threshold {cam} (chosen on {results['cam_threshold_split']}); "
                  f"method foreground threshold {results.get('fg_threshold', 0.5)}, preserve gate threshold "
                  f"{results.get('gate_threshold', 0.0)} (0: off).")
     return "\n".join(lines) + "\n"

@@ -249,8 +249,9 @@ def resolve_init_from(cfg: Config) -> dict[str, str]:
                             "data/segmenter.pt in it")
     cfg.model.init_from = str(weights)
     print(f"init_from: {uri} → {ref.canonical} ({weights})")
-    return {"init_from": uri, "init_from.model_uri": ref.canonical, "init_from.model_version": ref.version or "",
-            "init_from.run_id": ref.run_id or "", "init_from.weights_sha256": file_sha256(weights)}
+    lineage = {"init_from": uri, "init_from.model_uri": ref.canonical, "init_from.model_version": ref.version,
+               "init_from.run_id": ref.run_id, "init_from.weights_sha256": file_sha256(weights)}
+    return {k: v for k, v in lineage.items() if v}  # a version registered from a file has no run
 
 
 def register(cfg: Config, kind: str, weights: str | Path, classes: list[str], run_id: str | None,
