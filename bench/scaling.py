@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 THROUGHPUT_MODES = ["ddp", "zero0", "zero2", "zero3"]
-MEMORY_MODES = ["zero0", "zero2", "zero3"]
+MEMORY_MODES = ["zero0", "zero2", "zero3-deepspeed", "zero3"]  # zero3-deepspeed: DeepSpeed's own second fp32 copy
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -66,8 +66,9 @@ def _variant(mode: str, cfg, g_net, device: torch.device):
             optimizer.zero_grad(set_to_none=True)
 
         return ddp, backward_step, None
-    cfg.train.deepspeed = mode
-    engine, _ = make_engine(model, cfg.train.lr, deepspeed_config(cfg, cfg.data.batch_size))
+    cfg.train.deepspeed = mode.split("-")[0]
+    engine, _ = make_engine(model, cfg.train.lr, deepspeed_config(cfg, cfg.data.batch_size),
+                            zero3_shared_master=not mode.endswith("-deepspeed"))
 
     def engine_step(loss):
         engine.backward(loss)

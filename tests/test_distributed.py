@@ -158,6 +158,22 @@ def test_zero3_two_processes(zero3_run):
 
 
 @pytest.mark.slow
+def test_zero3_shared_master_is_the_same_training(work, zero3_run):
+    """ZeRO-3 without DeepSpeed's second fp32 copy of the weights (the default) trains bitwise like
+    DeepSpeed's own ZeRO-3 with the copy: same losses, same consolidated weights."""
+    work, common = work
+    log = work / "zero3-copy.log"
+    _run(deepspeed_cmd("--num_accelerators", 2, "--master_port", _free_port(),
+                       *train_cmd(common, "train.run_name=zero3-copy", "train.deepspeed=zero3",
+                                  "train.zero3_shared_master=false")), log, work)
+    shared_log = zero3_run[1].read_text()
+    assert "fp32 master weights shared" in shared_log and "fp32 master weights shared" not in log.read_text()
+    copy_run = work / "runs" / "zero3-copy"
+    assert _history(copy_run) == _history(zero3_run[0])
+    _assert_same_weights(_state_dict(copy_run), _state_dict(zero3_run[0]))
+
+
+@pytest.mark.slow
 def test_only_rank0_logs_all_reduced_metrics(zero2_run):
     import mlflow
 

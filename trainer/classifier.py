@@ -79,7 +79,8 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
     net = build_classifier(cfg.classifier, len(classes))
     checkpoints = Checkpointer(out / "classifier_checkpoints", cfg.train.resume, cfg.train.checkpoint_every,
                                cfg.train.keep_last, cfg.train.seed, ds_config)
-    engine, _ = make_engine(net, cfg.classifier.lr, ds_config, cfg.classifier.weight_decay)
+    engine, _ = make_engine(net, cfg.classifier.lr, ds_config, cfg.classifier.weight_decay,
+                            zero3_shared_master=cfg.train.zero3_shared_master)
     state = checkpoints.restore(engine)
     batches = resumable_batches(cfg, seed=cfg.train.seed, batch_size=micro, samples_seen=state.samples)
     tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-classifier", active=rank == 0,

@@ -129,7 +129,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
                           "optimizer's parameter groups at the start); use model.encoder_trainable=true instead")
     checkpoints = Checkpointer(out / "checkpoints", cfg.train.resume, cfg.train.checkpoint_every,
                                cfg.train.keep_last, cfg.train.seed, ds_config)
-    engine, optimizer = make_engine(model, cfg.train.lr, ds_config)
+    engine, optimizer = make_engine(model, cfg.train.lr, ds_config, zero3_shared_master=cfg.train.zero3_shared_master)
     if checkpoints.resume_from and 0 <= unfreeze_step < checkpoints.resume_from.step:
         unfreeze_encoder(model, optimizer, cfg.train.lr)  # the saved optimizer state has that group
     state = checkpoints.restore(engine)
