@@ -6,7 +6,7 @@ cd /work/main
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu MLFLOW_TRACKING_URI=sqlite:////work/main/runs/multi/mlflow.db
 DB=sqlite:////work/main/runs/multi/mlflow.db
 COMMON="-c configs/toy_multi.yaml data.image_size=64 train.out_dir=runs/multi mlflow.tracking_uri=$DB mlflow.artifact_location=/work/main/runs/multi/mlartifacts train.threads=1 classifier.checkpoint=runs/multi/g-seed0/classifier.pt"
-STEPS=${STEPS:-150}
+STEPS=${STEPS:-300}
 step() {  # name, command...
   local name=$1; shift
   local t0=$(date +%s)

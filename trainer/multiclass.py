@@ -79,7 +79,7 @@ def save_confusion_png(report: dict, path: Path, title: str = "", cell: int = 56
     canvas = Image.new("RGB", (left + n * cell + 10, top + n * cell + 30), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 2), title, fill=(0, 0, 0))
-    draw.text((left, top - 14), "prediction →", fill=(0, 0, 0))
+    draw.text((left, top - 14), "prediction ->   (rows: truth, fraction of its pixels)", fill=(0, 0, 0))
     for j, name in enumerate(labels):
         draw.text((left + j * cell + 2, top + n * cell + 4), name[:9], fill=(0, 0, 0))
     for i, name in enumerate(labels):
