@@ -412,3 +412,27 @@ def test_s3_artifacts_log_register_and_pull(s3_server, pipeline, toy_dataset, tm
     expected = in_memory_masks(tmp_path / "runs" / "s3" / "segmenter.pt", images)
     for path, want in zip(images, expected):
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{path.stem}.png")), want["mask"])
+
+
+def test_local_sqlite_store_elsewhere_than_cwd_registers(toy_dataset, tmp_path, monkeypatch):
+    """A local store that is not ./mlflow.db: MLflow's SQL registry checks the logged model through its
+    module-level URI; registering must still work, and leave MLFLOW_TRACKING_URI as it was."""
+    import torch
+
+    from trainer.classifier import build_classifier
+    from trainer.config import ClassifierConfig, load_config
+    from trainer.registry import register
+
+    monkeypatch.chdir(tmp_path)  # cwd's own ./mlflow.db is NOT the store below
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "elsewhere" / "store.db"
+    store.parent.mkdir()
+    weights = tmp_path / "g.pt"
+    torch.save(build_classifier(ClassifierConfig(), 1).state_dict(), weights)
+    cfg = load_config(REPO / "configs/toy_birds.yaml", [f"data.url={toy_dataset}",
+                                                         f"mlflow.tracking_uri=sqlite:///{store}",
+                                                         f"mlflow.artifact_location={tmp_path}/art"])
+    mv = register(cfg, "classifier", weights, ["bird"], None)
+    assert str(mv.version) == "1"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert not (tmp_path / "mlflow.db").exists()
