@@ -22,6 +22,9 @@ def main() -> None:
     for row in summary["trials"]:
         trial = row["trial_id"]
         segmenter = sweep / "trials" / trial / "segmenter.pt"
+        if not segmenter.is_file():
+            print(f"{trial}: no segmenter.pt (the trial never reported a rung), left out", file=sys.stderr)
+            continue
         out = sweep / "eval"
         results = out / trial / "eval" / "results.json"
         if not results.is_file():
