@@ -321,6 +321,20 @@ def compose(rng: np.random.Generator, size: int, photo: Photo, region: str, bird
     return image, mask, meta
 
 
+def check_build_args(name: str, size, rho, counts: dict[str, int] | None,
+                     defaults: dict[str, int]) -> dict[str, int]:
+    """The split counts (defaults overridden by `counts`) after checking size, ρ and the split names."""
+    if not isinstance(size, int) or size < 16:
+        raise DataError(f"{name} image size must be an integer >= 16, got {size!r}")
+    if not 0.0 <= rho <= 1.0:
+        raise DataError(f"{name} bias rho must be in [0, 1], got {rho!r}")
+    counts = {**defaults, **(counts or {})}
+    unknown = set(counts) - set(SPLITS)
+    if unknown:
+        raise DataError(f"unknown {name} split(s) {sorted(unknown)} (splits: {', '.join(SPLITS)})")
+    return counts
+
+
 def build_toy_birds(
     out_dir: str,
     *,
@@ -333,14 +347,7 @@ def build_toy_birds(
     progress: bool = True,
 ) -> str:
     """Build toy-birds into `out_dir` (shards, then manifest.json); returns the manifest path."""
-    if not isinstance(size, int) or size < 16:
-        raise DataError(f"toy-birds image size must be an integer >= 16, got {size!r}")
-    if not 0.0 <= rho <= 1.0:
-        raise DataError(f"toy-birds bias rho must be in [0, 1], got {rho!r}")
-    counts = {**DEFAULT_COUNTS, **(counts or {})}
-    unknown = set(counts) - set(SPLITS)
-    if unknown:
-        raise DataError(f"unknown toy-birds split(s) {sorted(unknown)} (splits: {', '.join(SPLITS)})")
+    counts = check_build_args("toy-birds", size, rho, counts, DEFAULT_COUNTS)
     share = fetch_sources(cache_dir)
     train_birds, test_birds, distractors = load_cutouts(share, size)
     photos = load_photos(share, size)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .manifest import DataError, write_manifest
 from .toy_birds import (BIRD_DIR, BIRD_OUTSIDE, EXCLUDED_BIRDS, JPEG_QUALITY, SPLIT_IDS, SPLITS, TEST_BIRDS,
+                        check_build_args,
                         Cutout, Photo, _orig_box, _paste, _premultiplied, _resized, background_crop, bird_mask,
                         fetch_sources, load_photos, paste_distractors)
 from .writer import ShardWriter, encode_jpeg, encode_mask_png, make_sample
@@ -194,14 +195,7 @@ def build_toy_multi(
     progress: bool = True,
 ) -> str:
     """Build toy-multi into `out_dir` (shards, then manifest.json); returns the manifest path."""
-    if not isinstance(size, int) or size < 16:
-        raise DataError(f"toy-multi image size must be an integer >= 16, got {size!r}")
-    if not 0.0 <= rho <= 1.0:
-        raise DataError(f"toy-multi bias rho must be in [0, 1], got {rho!r}")
-    counts = {**DEFAULT_COUNTS, **(counts or {})}
-    unknown = set(counts) - set(SPLITS)
-    if unknown:
-        raise DataError(f"unknown toy-multi split(s) {sorted(unknown)} (splits: {', '.join(SPLITS)})")
+    counts = check_build_args("toy-multi", size, rho, counts, DEFAULT_COUNTS)
     share = fetch_sources(cache_dir)
     cutouts = load_class_cutouts(share, size)
     distractors = load_distractors(share, size)

@@ -415,13 +415,13 @@ def test_s3_artifacts_log_register_and_pull(s3_server, pipeline, toy_dataset, tm
 
 
 def test_local_sqlite_store_elsewhere_than_cwd_registers(toy_dataset, tmp_path, monkeypatch):
-    """A local store that is not ./mlflow.db: MLflow's SQL registry checks the logged model through its
-    module-level URI; registering must still work, and leave MLFLOW_TRACKING_URI as it was."""
+    """A local store that is not ./mlflow.db: MLflow's SQL registry and its models:/ download resolve through
+    the module-level URI; registering and pulling must still work, and leave MLFLOW_TRACKING_URI as it was."""
     import torch
 
     from trainer.classifier import build_classifier
     from trainer.config import ClassifierConfig, load_config
-    from trainer.registry import register
+    from trainer.registry import download, register
 
     monkeypatch.chdir(tmp_path)  # cwd's own ./mlflow.db is NOT the store below
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -434,5 +434,9 @@ def test_local_sqlite_store_elsewhere_than_cwd_registers(toy_dataset, tmp_path, 
                                                          f"mlflow.artifact_location={tmp_path}/art"])
     mv = register(cfg, "classifier", weights, ["bird"], None)
     assert str(mv.version) == "1"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    _, folder = download(f"models:/{mv.name}/1", tmp_path / "pulled", f"sqlite:///{store}")
+    pulled = [p for p in folder.rglob("*.pt")]
+    assert pulled and hashlib.sha256(pulled[0].read_bytes()).digest() == hashlib.sha256(weights.read_bytes()).digest()
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert not (tmp_path / "mlflow.db").exists()

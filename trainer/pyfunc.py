@@ -6,7 +6,6 @@ arrays) and returns per-image label masks (0 background, c + 1 class c) at each 
 from __future__ import annotations
 
 import base64
-import contextlib
 import binascii
 import io
 import json
@@ -307,27 +306,9 @@ def log_model(client, *, kind: str, weights: str | Path, cfg: Config, classes: l
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
-    with _module_tracking_uri(client.tracking_uri):
+    from .tracking import module_tracking_uri
+
+    with module_tracking_uri(client.tracking_uri):
         return client.create_model_version(registered_model_name, source=f"models:/{logged.model_id}",
                                            run_id=run_id, tags=tags, model_id=logged.model_id)
 
-
-@contextlib.contextmanager
-def _module_tracking_uri(uri: str):
-    """MLflow's SQL registry store (a local `sqlite:` URI) checks a `models:/m-…` source through a default
-    MlflowClient, i.e. MLflow's module-level tracking URI, not the client's: with any other store than the
-    default `sqlite:///mlflow.db` it then fails with "Logged model with ID … not found". Set the module-level
-    URI for that call only, and put back both it and MLFLOW_TRACKING_URI exactly as they were (set_tracking_uri
-    exports the variable to every later subprocess)."""
-    from mlflow.tracking._tracking_service import utils
-
-    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    utils.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        utils._tracking_uri = saved_uri
-        if saved_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env

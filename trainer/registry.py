@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .tracking import TrackingError, connect, manifest_fingerprint, tracking_uri
+from .tracking import TrackingError, connect, manifest_fingerprint, module_tracking_uri, tracking_uri
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
 METRIC_TAG_PREFIX = "metric."
@@ -126,8 +126,9 @@ def download(uri: str, dst: str | Path, uri_of_server: str | None = None) -> tup
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.canonical, dst_path=str(staging),
-                                                             tracking_uri=where, registry_uri=where))
+            with module_tracking_uri(where):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.canonical, dst_path=str(staging),
+                                                                 tracking_uri=where, registry_uri=where))
         except Exception as err:  # noqa: BLE001 - name the model and the server, not a stack of retries
             raise TrackingError(f"downloading {uri} ({ref.canonical}) from {where} failed: {err}") from err
         if dst.exists():

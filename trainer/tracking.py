@@ -13,6 +13,7 @@ import atexit
 import hashlib
 import json
 import logging
+import contextlib
 import os
 import threading
 import time
@@ -337,3 +338,26 @@ def _write_json(path: Path, data: Any) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, data)
+
+
+@contextlib.contextmanager
+def module_tracking_uri(uri: str):
+    """MLflow's module-level tracking URI set to `uri` inside the block only. Some MLflow 3 paths ignore the
+    URI of the client they are called through and use the module-level one: the SQL registry store checks a
+    `models:/m-…` source through a default MlflowClient, and `download_artifacts` of a `models:/` URI resolves
+    the logged model the same way. With a local store other than the default `sqlite:///mlflow.db` both then
+    fail ("Logged model with ID … not found", "Registered Model … not found"). Afterwards both the module-level
+    URI and MLFLOW_TRACKING_URI are put back exactly as they were (set_tracking_uri exports the variable to
+    every later subprocess)."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    utils.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved_uri
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
