@@ -27,3 +27,32 @@ def toy_multi_dataset(tmp_path_factory) -> str:
     from data_shards.toy_multi import build_toy_multi
 
     return build_toy_multi(str(tmp_path_factory.mktemp("toy_multi")), progress=False, **MULTI_ARGS)
+
+
+def split_samples(manifest_path: str) -> dict:
+    """split -> list of (meta, mask array or None) in shard order, read straight from the shards."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from data_shards.loader import raw_samples
+    from data_shards.manifest import read_manifest
+
+    out = {}
+    for split, info in read_manifest(manifest_path).splits.items():
+        out[split] = []
+        for shard in info.shards:
+            for raw in raw_samples(shard):
+                mask = np.asarray(Image.open(io.BytesIO(raw["mask.png"]))) if "mask.png" in raw else None
+                out[split].append((json.loads(raw["json"]), mask))
+    return out
+
+
+def folder_bytes(manifest_path: str) -> dict:
+    """Every file of a built data set's folder, name -> bytes (for byte-identical rebuild checks)."""
+    import os
+
+    folder = os.path.dirname(manifest_path)
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}

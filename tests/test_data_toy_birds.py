@@ -1,15 +1,11 @@
 """toy-birds: determinism, disjoint instances and photo regions, bias rates, masks and bird sizes."""
-import io
-import json
 import os
 from collections import defaultdict
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import TOY_ARGS
-from data_shards.loader import raw_samples
+from conftest import TOY_ARGS, folder_bytes, split_samples
 from data_shards.manifest import read_manifest
 from data_shards.toy_birds import BIRD_RANGE, EXCLUDED_BIRDS, TEST_BIRDS, bird_mask, build_toy_birds
 
@@ -18,33 +14,19 @@ SIZE = TOY_ARGS["size"]
 
 @pytest.fixture(scope="module")
 def samples(toy_dataset):
-    """split -> list of (meta, mask array or None) in shard order."""
-    manifest = read_manifest(toy_dataset)
-    out = {}
-    for split, info in manifest.splits.items():
-        out[split] = []
-        for shard in info.shards:
-            for raw in raw_samples(shard):
-                mask = np.asarray(Image.open(io.BytesIO(raw["mask.png"]))) if "mask.png" in raw else None
-                out[split].append((json.loads(raw["json"]), mask))
-    return out
-
-
-def _shard_bytes(manifest_path):
-    folder = os.path.dirname(manifest_path)
-    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+    return split_samples(toy_dataset)
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(toy_dataset, tmp_path):
     again = build_toy_birds(str(tmp_path / "again"), progress=False, **TOY_ARGS)
-    first, second = _shard_bytes(toy_dataset), _shard_bytes(again)
+    first, second = folder_bytes(toy_dataset), folder_bytes(again)
     assert sorted(first) == sorted(second)
     assert "manifest.json" in first and not any(name.endswith(".tmp") for name in first)
     for name in first:
         assert first[name] == second[name], name
 
     other = build_toy_birds(str(tmp_path / "other"), progress=False, **{**TOY_ARGS, "seed": 1})
-    third = _shard_bytes(other)
+    third = folder_bytes(other)
     assert third["manifest.json"] == first["manifest.json"]  # same counts, same shard names
     differing = [name for name in first if name.endswith(".tar") and first[name] != third[name]]
     assert len(differing) == len([n for n in first if n.endswith(".tar")])

@@ -1,15 +1,10 @@
 """toy-multi: determinism, class list, disjoint instances and photo regions, exact occluding masks, tags,
 the class-to-background bias, unlabelled distractors."""
-import io
-import json
-import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import MULTI_ARGS
-from data_shards.loader import raw_samples
+from conftest import MULTI_ARGS, folder_bytes, split_samples
 from data_shards.manifest import read_manifest
 from data_shards.toy_birds import SPLIT_IDS, Cutout, Photo
 from data_shards.toy_multi import (CLASS_GROUPS, CLASSES, NEGATIVE_FRACTION, TEST_INSTANCES, build_toy_multi,
@@ -18,28 +13,14 @@ from data_shards.toy_multi import (CLASS_GROUPS, CLASSES, NEGATIVE_FRACTION, TES
 
 @pytest.fixture(scope="module")
 def samples(toy_multi_dataset):
-    """split -> list of (meta, mask array or None) in shard order."""
-    manifest = read_manifest(toy_multi_dataset)
-    out = {}
-    for split, info in manifest.splits.items():
-        out[split] = []
-        for shard in info.shards:
-            for raw in raw_samples(shard):
-                mask = np.asarray(Image.open(io.BytesIO(raw["mask.png"]))) if "mask.png" in raw else None
-                out[split].append((json.loads(raw["json"]), mask))
-    return out
-
-
-def _folder_bytes(manifest_path):
-    folder = os.path.dirname(manifest_path)
-    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+    return split_samples(toy_multi_dataset)
 
 
 def test_same_seed_identical_bytes_other_seed_differs(toy_multi_dataset, tmp_path):
     small = {**MULTI_ARGS, "counts": {"train": 12, "val": 6, "test_aligned": 6, "test_conflict": 6}}
-    first = _folder_bytes(build_toy_multi(str(tmp_path / "a"), progress=False, **small))
-    again = _folder_bytes(build_toy_multi(str(tmp_path / "b"), progress=False, **small))
-    other = _folder_bytes(build_toy_multi(str(tmp_path / "c"), progress=False, **{**small, "seed": 1}))
+    first = folder_bytes(build_toy_multi(str(tmp_path / "a"), progress=False, **small))
+    again = folder_bytes(build_toy_multi(str(tmp_path / "b"), progress=False, **small))
+    other = folder_bytes(build_toy_multi(str(tmp_path / "c"), progress=False, **{**small, "seed": 1}))
     assert first == again
     tars = [n for n in first if n.endswith(".tar")]
     assert tars and all(first[n] != other[n] for n in tars)
