@@ -162,12 +162,8 @@ def cmd_registry(args) -> None:
     if args.registry_command == "ls":
         print(format_versions(list_versions(args.names or None, args.tracking_uri)))
     elif args.registry_command == "add":
-        import os
-
         from .registry import register_file
 
-        if args.tracking_uri:  # MLflow's sqlite registry looks the logged model up through the variable
-            os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
         mv = register_file(args.weights, args.alias, args.tracking_uri, args.classifier)
         print(f"models:/{mv.name}/{mv.version}")
     else:

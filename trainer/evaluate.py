@@ -162,10 +162,10 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
                 areas["positive"] += fg_area[positive].tolist()
                 areas["negative"] += fg_area[~positive].tolist()
             groups = bias_groups(batch.get("meta", []))
+            picks = {group: torch.tensor([b == group for b in groups]) for group in sorted({b for b in groups if b})}
             for name, pred in preds.items():
                 meters[name].update(pred, truth, positive)
-                for group in sorted({b for b in groups if b}):
-                    pick = torch.tensor([b == group for b in groups])
+                for group, pick in picks.items():
                     meter = group_meters[name].setdefault(group, SegmentationMeter(num_labels))
                     meter.update(pred[pick], truth[pick], positive[pick])
             for i in _pick_grid_indices(labels, pos_left, neg_left):

@@ -137,10 +137,11 @@ def L_preserve(g: Classifier, P: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(g(P), y)
 
 
-def L_delete(g: Classifier, D: torch.Tensor) -> torch.Tensor:
-    """BCE(g(D), 0): with the mask's content removed, no class may remain."""
+def L_delete(g: Classifier, D: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE(g(D), target), target 0 by default: with the mask's content removed, no class may remain (for
+    C > 1 removing class c's component leaves the image's other tags, `classifier_rows`)."""
     logits = g(D)
-    return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+    return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits) if target is None else target)
 
 
 def L_area(M_fg: torch.Tensor) -> torch.Tensor:
@@ -235,7 +236,7 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     both = g(torch.cat([preserved(rows, I_rows, fill_rows), deleted(rows, I_rows, fill_rows)]))  # one pass
     terms = {
         "L_preserve": L_preserve(lambda _: both[:R], None, keep_targets),
-        "L_delete": F.binary_cross_entropy_with_logits(both[R:], delete_targets),
+        "L_delete": L_delete(lambda _: both[R:], None, delete_targets),
         "L_area": L_area(M_fg),
         # per class component; C = 1 reads M_fg (= M_0) so gradients accumulate in the binary code's order
         "L_tv": sum(L_tv(M_c, I, cfg.edge_aware_tv) for M_c in (M[:, :C].unbind(1) if C > 1 else [M_fg])),

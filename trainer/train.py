@@ -87,7 +87,8 @@ def start_from(model: Segmenter, cfg: Config, lineage: dict[str, str], out: Path
     lineage in <run dir>/init_from.json; returns the MLflow tags for the run."""
     report = init_from_checkpoint(model, cfg.model.init_from)
     lineage = lineage or {"init_from": cfg.model.init_from}
-    n_loaded = sum(own.numel() for k, own in model.state_dict().items() if k in set(report["loaded"]))
+    loaded = set(report["loaded"])
+    n_loaded = sum(own.numel() for k, own in model.state_dict().items() if k in loaded)
     print(f"init_from {lineage['init_from']}: loaded {len(report['loaded'])} tensors ({n_loaded} values), "
           f"skipped {len(report['skipped'])} (shape mismatch), {len(report['missing'])} not in the checkpoint")
     for line in report["skipped"]:
