@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import ObjectiveConfig
-from trainer.losses import (L_area, L_cls, L_delete, L_mask, L_paste, L_preserve, L_recon, L_tv, cls_targets,
+from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_mask, L_paste, L_preserve, L_recon, L_tv, cls_targets,
                             deleted, foreground, gaussian_blur, mask_lets, objective, preserved,
                             reconstruction)
 
@@ -99,6 +99,39 @@ def test_preserve_delete_classifier_terms():
     y = torch.tensor([[1.0], [0.0]])
     assert L_preserve(g, P, y).item() == pytest.approx((-math.log(0.75) - math.log(0.25)) / 2, rel=1e-5)
     assert L_delete(g, P).item() == pytest.approx(-math.log(0.25), rel=1e-5)
+
+
+def test_L_delete_tagged_ignores_untagged_rows():
+    # row 0 tagged (keep target 1), row 1 untagged: only row 0's BCE(σ(log 3) = 0.75, 0) counts
+    logits = torch.tensor([[math.log(3.0)], [5.0]])
+    keep, delete = torch.tensor([[1.0], [0.0]]), torch.zeros(2, 1)
+    assert L_delete_tagged(logits, keep, delete).item() == pytest.approx(-math.log(0.25), rel=1e-5)
+    # the plain L_delete averages both rows (row 1: BCE(σ(5), 0) = softplus(5))
+    both = (-math.log(0.25) + math.log1p(math.exp(5.0))) / 2
+    assert L_delete(lambda _: logits, None, delete).item() == pytest.approx(both, rel=1e-5)
+    # no tagged row: 0, and still differentiable
+    logits.requires_grad_(True)
+    none = L_delete_tagged(logits, torch.zeros(2, 1), delete)
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(logits.grad, torch.zeros(2, 1))
+
+
+def test_objective_without_delete_on_untagged_images():
+    torch.manual_seed(0)
+    out = {"mask_logits": torch.randn(2, 2, 8, 8), "imagelets": torch.rand(2, 2, 3, 8, 8)}
+    I, y = torch.rand(2, 3, 8, 8), torch.tensor([[1.0], [0.0]])
+
+    def g(images):
+        return images.mean(dim=(1, 2, 3)).unsqueeze(1)
+
+    on = objective(out, I, y, g, ObjectiveConfig(delete_untagged=True))
+    off = objective(out, I, y, g, ObjectiveConfig(delete_untagged=False))
+    M_fg = foreground(mask_lets(out["mask_logits"]), 1)
+    D0 = deleted(M_fg[:1], I[:1], gaussian_blur(I[:1], 10.0))
+    assert off["L_delete"].item() == pytest.approx(L_delete(g, D0).item(), rel=1e-6)  # the positive alone
+    assert on["L_delete"].item() != pytest.approx(off["L_delete"].item(), rel=1e-3)
+    for term in ("L_preserve", "L_area", "L_tv", "L_recon"):
+        assert off[term].item() == on[term].item()
 
 
 def test_area_and_tv_by_hand():

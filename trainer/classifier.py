@@ -45,6 +45,29 @@ def load_classifier(path: str | Path, num_classes: int) -> EfficientNetLite0:
     return net
 
 
+def colour_augment(images: torch.Tensor, grayscale_p: float, channel_shuffle_p: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Stage-1 augmentation against the colour shortcut (on toy-birds blue water stands for "bird"): each image
+    is shown in grayscale with probability `grayscale_p`, else with its RGB channels permuted with probability
+    `channel_shuffle_p` (a non-identity permutation), else unchanged. Shape and texture survive; colour stops
+    telling the class. Deterministic given the generator."""
+    if grayscale_p <= 0 and channel_shuffle_p <= 0:
+        return images
+    B = images.shape[0]
+    u = torch.rand(B, generator=generator)
+    gray = u < grayscale_p
+    shuffle = (~gray) & (torch.rand(B, generator=generator) < channel_shuffle_p)
+    perms = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+    chosen = perms[torch.randint(len(perms), (B,), generator=generator)]
+    out = images.clone()
+    luma = (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
+    out[gray] = luma[gray].expand(-1, 3, -1, -1)
+    if shuffle.any():
+        idx = chosen[shuffle][:, :, None, None].expand(-1, -1, *images.shape[-2:])
+        out[shuffle] = torch.gather(images[shuffle], 1, idx)
+    return out
+
+
 def classifier_path(cfg: Config) -> Path:
     return Path(cfg.classifier.checkpoint) if cfg.classifier.checkpoint else run_dir(cfg) / "classifier.pt"
 
@@ -91,11 +114,15 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
     bar = tqdm(range(state.step, steps), desc="stage 1: g", disable=rank != 0, dynamic_ncols=True,
                initial=state.step, total=steps)
     meter, record = StepMeter(state, micro * accum, world, "classifier"), {}
+    augment_rng = torch.Generator()
     for step in bar:
         loss_sum = 0.0
-        for _ in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
+        for micro_step in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
             batch = next(batches)
-            logits = engine(batch["image"])
+            augment_rng.manual_seed(cfg.train.seed * 1_000_003 + step * 97 + micro_step * 7 + rank * 7919)  # same draws after a resume
+            images = colour_augment(batch["image"], cfg.classifier.grayscale_p, cfg.classifier.channel_shuffle_p,
+                                    augment_rng)
+            logits = engine(images)
             loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
             engine.backward(loss)
             engine.step()

@@ -49,6 +49,8 @@ class ClassifierConfig:
     lr: float = 1e-3
     batch_size: int = 32
     weight_decay: float = 1e-4
+    grayscale_p: float = 0.0  # stage 1: share of training images shown in grayscale (colour is a background cue)
+    channel_shuffle_p: float = 0.0  # stage 1: share of the other images shown with their RGB channels permuted
 
 
 @dataclass
@@ -80,6 +82,7 @@ class ObjectiveConfig:
     area_target: float = 0.0  # paper L_mask: target area of absent classes (paper: 0)
     preserve_weight: float = 1.0  # preserve_delete: weight of L_preserve, scaled by lambda_c
     delete_weight: float = 1.0  # preserve_delete: weight of L_delete, scaled by lambda_c
+    delete_untagged: bool = True  # preserve_delete: L_delete also on untagged (negative) images (docs/method.md)
     area_weight: float = 8.0  # preserve_delete: weight of mean(M_fg), scaled by lambda_m
     tv_weight: float = 0.5  # preserve_delete: weight of TV(M_fg), scaled by lambda_m
     absent_weight: float = 0.0  # preserve_delete, C > 1: area of components of untagged classes, × lambda_m
@@ -119,6 +122,7 @@ class EvalConfig:
     fg_threshold_from_val: bool = False  # choose fg_threshold on cam_split by mIoU, as for CAM
     gate_threshold: float = 0.0  # preserve gate (trainer/gate.py): drop class regions g scores below this; 0 = off
     gate_threshold_from_val: bool = False  # choose gate_threshold on cam_split by mIoU (0 = off is a candidate)
+    flip: bool = False  # method: average the mask logits of the image and of its mirror image (flip test-time augmentation)
 
 
 @dataclass
@@ -248,6 +252,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {value}")
+    for key in ("classifier.grayscale_p", "classifier.channel_shuffle_p"):
+        value = getattr(cfg.classifier, key.split(".")[1])
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key {key!r} is a probability in [0, 1], got {value}")
     if cfg.model.K < 0:
         raise ConfigError(f"config key 'model.K' must be 0 (= C + 1) or at least C + 1, got {cfg.model.K}")
 

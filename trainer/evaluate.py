@@ -22,6 +22,7 @@ from .multiclass import (PerClassThresholdSearch, bias_groups, cam_labels_per_cl
                          per_class_table, save_confusion_png)
 from .runtime import init_distributed, run_dir, set_threads, write_json
 from .tracking import Tracker
+from .models import mask_logits
 from .train import load_frozen_g, load_segmenter, segmenter_checkpoint
 from .viz import grid_row, save_grid
 
@@ -65,7 +66,7 @@ def choose_fg_threshold(model, cfg: Config, num_labels: int) -> tuple[float, dic
     """The method's foreground threshold chosen on the same split and by the same rule as CAM's."""
     meters = {t: SegmentationMeter(num_labels) for t in CAM_THRESHOLDS}
     for batch in eval_batches(cfg, cfg.eval.cam_split):
-        logits = model(batch["image"])["mask_logits"]
+        logits = mask_logits(model, batch["image"], cfg.eval.flip)
         positive = batch["labels"].sum(1) > 0
         for t, meter in meters.items():
             meter.update(model.predict_labels(logits, t), batch["mask"], positive)
@@ -81,7 +82,7 @@ def choose_gate_threshold(model, g, cfg: Config, num_labels: int, fg_threshold: 
     meters = {t: SegmentationMeter(num_labels) for t in candidates}
     for batch in eval_batches(cfg, cfg.eval.cam_split):
         images = batch["image"]
-        pred = model.predict_labels(model(images)["mask_logits"], fg_threshold)
+        pred = model.predict_labels(mask_logits(model, images, cfg.eval.flip), fg_threshold)
         scores = preserve_scores(g, images, pred, num_labels - 1, cfg.objective)
         positive = batch["labels"].sum(1) > 0
         for t, meter in meters.items():
@@ -154,7 +155,8 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
                 preds[name] = trivial_labels(name, labels, size)
             if model is not None:
                 net_out = model(images)
-                preds["method"] = model.predict_labels(net_out["mask_logits"], fg_threshold)
+                preds["method"] = model.predict_labels(mask_logits(model, images, cfg.eval.flip, net_out),
+                                                       fg_threshold)
                 if gate_threshold > 0:
                     gate_scores = preserve_scores(g, images, preds["method"], C, cfg.objective)
                     preds["method"] = apply_gate(preds["method"], gate_scores, gate_threshold)

@@ -144,6 +144,17 @@ def L_delete(g: Classifier, D: torch.Tensor, target: torch.Tensor | None = None)
     return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits) if target is None else target)
 
 
+def L_delete_tagged(deleted_logits: torch.Tensor, keep_targets: torch.Tensor,
+                    delete_targets: torch.Tensor) -> torch.Tensor:
+    """L_delete over the rows of tagged classes only (`objective.delete_untagged: false`). On an untagged image
+    there is nothing to delete: g(D) > 0 there is g's own error (on toy-birds, water read as bird), and asking
+    the mask to remove it teaches the mask g's bias. 0 (with a graph) when no row is tagged."""
+    tagged = keep_targets.sum(dim=1) > 0
+    if not tagged.any():
+        return deleted_logits.sum() * 0.0
+    return L_delete(lambda _: deleted_logits[tagged], None, delete_targets[tagged])
+
+
 def L_area(M_fg: torch.Tensor) -> torch.Tensor:
     """mean(M_fg) over every image (positive or not): the smallest mask that does the job."""
     return M_fg.mean()
@@ -236,7 +247,8 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     both = g(torch.cat([preserved(rows, I_rows, fill_rows), deleted(rows, I_rows, fill_rows)]))  # one pass
     terms = {
         "L_preserve": L_preserve(lambda _: both[:R], None, keep_targets),
-        "L_delete": L_delete(lambda _: both[R:], None, delete_targets),
+        "L_delete": (L_delete(lambda _: both[R:], None, delete_targets) if cfg.delete_untagged
+                     else L_delete_tagged(both[R:], keep_targets, delete_targets)),
         "L_area": L_area(M_fg),
         # per class component; C = 1 reads M_fg (= M_0) so gradients accumulate in the binary code's order
         "L_tv": sum(L_tv(M_c, I, cfg.edge_aware_tv) for M_c in (M[:, :C].unbind(1) if C > 1 else [M_fg])),

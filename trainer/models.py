@@ -210,3 +210,12 @@ class FrozenClassifier(nn.Module):
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def mask_logits(model, images: torch.Tensor, flip: bool, net_out: dict | None = None) -> torch.Tensor:
+    """The segmenter's mask logits for prediction; with `flip` the mean of the image's and its mirror image's
+    (mirrored back), the flip test-time augmentation of WSSS evaluations. `net_out`: the forward already run."""
+    logits = (net_out or model(images))["mask_logits"]
+    if flip:
+        logits = (logits + model(images.flip(-1))["mask_logits"].flip(-1)) / 2
+    return logits

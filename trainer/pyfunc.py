@@ -24,6 +24,7 @@ from PIL import Image
 from data_shards.manifest import DataError
 
 from .config import Config, config_from_dict
+from .models import mask_logits
 
 FLAVOR_NAME = "wsssrec"
 DATA_DIR = "data"  # the pyfunc `data` folder: weights + wsssrec.json
@@ -127,7 +128,7 @@ class SegmenterPredictor(_Predictor):
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             batch = torch.stack([resize_for_model(img, self.image_size) for img in chunk])
-            logits = self.model(batch)["mask_logits"]
+            logits = mask_logits(self.model, batch, self.cfg.eval.flip)  # as `wsssrec eval` predicts
             for i, img in enumerate(chunk):
                 full = F.interpolate(logits[i:i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
                 row = {"mask": self.model.predict_labels(full)[0].numpy().astype(np.uint8)}
