@@ -3,7 +3,10 @@ search space, seed and trial settings (so the same λ_m, λ_c, K in the same ord
 shared g trained before either sweep. Prints the tuning-loop time of each, their ratio, and each sweep's best
 trial (goal: ASHA ≤ 0.5× the full time with the same best).
 
-    python bench/sweep.py [--samples 8] [--rungs 4] [--steps 40] [--size 64] [--out /tmp/wsssrec-bench-sweep]
+    python bench/sweep.py [--samples 8] [--rungs 8] [--steps 160] [--reduction-factor 2] [--size 64] [--out DIR]
+
+ASHA saves whole rungs, while every trial pays a fixed start (a Ray Train worker group, DeepSpeed, data) either
+way; rungs of 20 steps keep that start small next to the training, as it is in a real sweep.
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ def sweep(work: Path, name: str, scheduler: str, common: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--rungs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rungs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA's (sweep.reduction_factor)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--out", default="", help="work folder (default: a new temporary one)")
     args = parser.parse_args()
@@ -50,6 +54,7 @@ def main() -> None:
               f"train.steps={args.steps}", "train.lr=0.01", f"train.out_dir={work}/runs",
               f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db", f"mlflow.artifact_location={work}/mlartifacts",
               f"sweep.storage_path={work}/ray", f"sweep.rungs={args.rungs}", f"sweep.num_samples={args.samples}",
+              f"sweep.reduction_factor={args.reduction_factor}",
               "sweep.max_concurrent=1", "sweep.ray_num_cpus=2", "sweep.register=false", "sweep.seed=0"]
     g = work / "runs" / "g-for-bench" / "g" / "classifier.pt"
     if not g.is_file():  # a 1-trial sweep trains the shared g once, outside the timed runs

@@ -116,13 +116,21 @@ def test_L_delete_tagged_ignores_untagged_rows():
     assert none.item() == 0.0 and torch.equal(logits.grad, torch.zeros(2, 1))
 
 
-def test_objective_without_delete_on_untagged_images():
+def _tiny_batch():
+    """Network outputs, images and tags of one positive and one negative image, and a g that reads the
+    mean intensity."""
     torch.manual_seed(0)
     out = {"mask_logits": torch.randn(2, 2, 8, 8), "imagelets": torch.rand(2, 2, 3, 8, 8)}
     I, y = torch.rand(2, 3, 8, 8), torch.tensor([[1.0], [0.0]])
 
     def g(images):
         return images.mean(dim=(1, 2, 3)).unsqueeze(1)
+
+    return out, I, y, g
+
+
+def test_objective_without_delete_on_untagged_images():
+    out, I, y, g = _tiny_batch()
 
     on = objective(out, I, y, g, ObjectiveConfig(delete_untagged=True))
     off = objective(out, I, y, g, ObjectiveConfig(delete_untagged=False))
@@ -182,12 +190,7 @@ def test_L_paste_targets_the_hardened_source_mask_on_negative_backgrounds():
 
 
 def test_objective_totals_are_weighted_sums_of_their_terms():
-    torch.manual_seed(0)
-    out = {"mask_logits": torch.randn(2, 2, 8, 8), "imagelets": torch.rand(2, 2, 3, 8, 8)}
-    I, y = torch.rand(2, 3, 8, 8), torch.tensor([[1.0], [0.0]])
-
-    def g(images):
-        return images.mean(dim=(1, 2, 3)).unsqueeze(1)
+    out, I, y, g = _tiny_batch()
 
     paper = ObjectiveConfig(preset="paper", lambda_m=0.1, lambda_c=0.01)
     t = objective(out, I, y, g, paper)

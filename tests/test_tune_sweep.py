@@ -62,8 +62,35 @@ def mlflow_client(work: Path):
 
 
 @pytest.fixture(scope="module")
-def first_sweep(toy_dataset, tmp_path_factory):
-    """Four trials, the good setting first and the degenerate one second; g is trained once by the sweep."""
+def other_local_ray(tmp_path_factory):
+    """A second local Ray on the same machine (another user's, or a benchmark's) for the length of the sweep.
+    Without the sweep's pinned state-API address, Ray Train's clean-up of a stopped trial fails with "Found
+    multiple active Ray instances", the trial's CPUs are never freed and the next trial never starts."""
+    ready = tmp_path_factory.mktemp("other-ray") / "ready"
+    code = ("import pathlib, sys, time, ray; ray.init(num_cpus=1, include_dashboard=False); "
+            "pathlib.Path(sys.argv[1]).write_text('up'); time.sleep(3600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ready)], env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not ready.is_file():
+        assert proc.poll() is None and time.time() < deadline, "the second local Ray did not start"
+        time.sleep(0.5)
+    yield proc
+    proc.send_signal(signal.SIGINT)  # the driver's atexit ray.shutdown() stops the Ray processes it started
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # whatever is left of its process group (its own, by start_new_session)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def first_sweep(toy_dataset, tmp_path_factory, other_local_ray):
+    """Four trials, the good setting first and the degenerate one second; g is trained once by the sweep.
+    Another local Ray runs beside it all along (`other_local_ray`)."""
     work = tmp_path_factory.mktemp("sweep")
     proc = run_sweep(work, toy_dataset, "first", "--num-samples", "4",
                      f"sweep.points_to_evaluate={_flow([GOOD, BAD])}")

@@ -29,6 +29,7 @@ import yaml  # noqa: E402
 from tune.settings import Sweep, SweepConfig, k_range, load_sweep, settings_dict  # noqa: E402
 
 STATE = "sweep.json"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API client looks first
 
 
 def _absolute(value: str) -> str:
@@ -213,8 +214,18 @@ def init_ray(settings: SweepConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env)
     else:
-        # the dashboard serves the state API that Ray Train uses to free a stopped trial's resources
-        ray.init(num_cpus=settings.ray_num_cpus or None, runtime_env=env)
+        # The dashboard serves the state API that Ray Train's PlacementGroupCleaner asks whether a stopped
+        # trial's controller is gone. Without an address that client looks for "the" Ray on the machine and
+        # fails with "Found multiple active Ray instances" when another local Ray runs, so the stopped trial's
+        # CPUs are never freed. Pin it to this Ray's dashboard: Ray's processes inherit the variable.
+        from trainer.runtime import _free_port
+
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}"
+        os.environ[API_SERVER_ENV] = api
+        env["env_vars"][API_SERVER_ENV] = api
+        ray.init(num_cpus=settings.ray_num_cpus or None, runtime_env=env, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=port)
 
 
 # ---- the sweep ----
@@ -401,9 +412,10 @@ def results_table(rows: list[dict[str, Any]], metric: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from data_shards.manifest import DataError
-
     from trainer.config import ConfigError
     from trainer.tracking import TrackingError
+
+    previous_api = os.environ.get(API_SERVER_ENV)  # init_ray pins it; restored for in-process callers (tests)
 
     try:
         run(argv)
@@ -415,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
 
         if ray.is_initialized():
             ray.shutdown()
+        if previous_api is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = previous_api
 
 
 if __name__ == "__main__":
