@@ -469,14 +469,16 @@ def test_two_ranks_equal_one_rank_with_double_batch(work, toy_dataset):
     """ZeRO-2 with 2 ranks × 4 images against 1 rank × 8 images, the same images in every step.
 
     Tolerance. Both runs compute the same sums in a different order (two half-batch means averaged by the
-    all-reduce, against one full-batch mean), so losses and gradients agree to fp32 rounding, ~1e-7 relative:
-    we allow 1e-5 relative on the loss of every step. Adam divides each gradient by its own running magnitude,
-    so where a gradient is tiny, or a pre-activation sits on a LeakyReLU kink, rounding changes the update of
-    that one element by a fraction of a step (lr = 1e-3 per element). Measured after 5 steps: mean |Δw|
-    1.9e-7, 0.1 % of elements above 1e-5, the largest 1.1e-4. We allow a mean of 2e-6 and a maximum of 5e-4
-    (half an Adam step: no element moves the other way). A real error is far outside: ranks reading the same
-    images change the step-0 loss by percents; a missing gradient all-reduce makes the ranks take different
-    steps on every element (mean |Δw| ~ lr)."""
+    all-reduce, against one full-batch mean), so the step-0 loss agrees to fp32 rounding, ~1e-7 relative: we
+    allow 1e-6 there. Adam divides each gradient by its own running magnitude, so where a gradient is tiny, or a
+    pre-activation sits on a LeakyReLU kink, rounding changes the update of that one element by up to a step
+    (lr = 1e-3 per element), and the later losses drift with it: we allow 1e-4 relative after step 0. How far
+    depends on the CPU's kernels: after 5 steps one machine measured mean |Δw| 1.9e-7 and a largest 1.1e-4
+    (loss drift < 1e-5), another (2026-11-30, the same code before and after that session's changes) mean
+    1.4e-7, 0.3 % of elements above 1e-5, the largest 7.2e-4 and a step-4 loss drift of 2.4e-5. We allow a
+    mean of 2e-6 and a maximum of 5e-3 (the distance Adam can move an element in 5 steps). A real error is far
+    outside: ranks reading the same images change the step-0 loss by percents; a missing gradient all-reduce
+    makes the ranks take different steps on every element (mean |Δw| ~ lr, 500× the allowed mean)."""
     work, common = work
     params = {"config": str(REPO / "configs/toy_birds.yaml"),
               # L_paste pairs positives with negatives inside a micro-batch, so it is not additive over ranks;
@@ -492,11 +494,13 @@ def test_two_ranks_equal_one_rank_with_double_batch(work, toy_dataset):
                         json.dumps(params))
     _run(two, work / "eq2.log", work)
     run1, run2 = work / "runs" / f"eq-1x{2 * EQ_MICRO}", work / "runs" / f"eq-2x{EQ_MICRO}"
-    assert _history(run2) == pytest.approx(_history(run1), rel=1e-5)
-    assert _history(run1)[-1] < 0.9 * _history(run1)[0]  # the weights did move
+    one_rank, two_ranks = _history(run1), _history(run2)
+    assert two_ranks[0] == pytest.approx(one_rank[0], rel=1e-6)
+    assert two_ranks == pytest.approx(one_rank, rel=1e-4)
+    assert one_rank[-1] < 0.9 * one_rank[0]  # the weights did move
     a, b = _state_dict(run1), _state_dict(run2)
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a if a[k].is_floating_point()])
-    assert diff.mean().item() < 2e-6 and diff.max().item() < 5e-4, (diff.mean().item(), diff.max().item())
+    assert diff.mean().item() < 2e-6 and diff.max().item() < 5e-3, (diff.mean().item(), diff.max().item())
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
