@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from trainer.config import ObjectiveConfig
-from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_mask, L_paste, L_preserve, L_recon, L_tv, cls_targets,
-                            deleted, foreground, gaussian_blur, mask_lets, objective, preserved,
+from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_mask, L_paste, L_preserve, L_recon, L_tv,
+                            cls_targets, deleted, foreground, gaussian_blur, mask_lets, objective, preserved,
                             reconstruction)
 
 

@@ -45,17 +45,16 @@ def load_classifier(path: str | Path, num_classes: int) -> EfficientNetLite0:
     return net
 
 
-def colour_augment(images: torch.Tensor, grayscale_p: float, channel_shuffle_p: float,
-                   generator: torch.Generator) -> torch.Tensor:
+def colour_augment(images: torch.Tensor, grayscale_p: float, channel_shuffle_p: float, seed: int) -> torch.Tensor:
     """Stage-1 augmentation against the colour shortcut (on toy-birds blue water stands for "bird"): each image
     is shown in grayscale with probability `grayscale_p`, else with its RGB channels permuted with probability
     `channel_shuffle_p` (a non-identity permutation), else unchanged. Shape and texture survive; colour stops
-    telling the class. Deterministic given the generator."""
+    telling the class. The same `seed` gives the same draws (a resumed run repeats them)."""
     if grayscale_p <= 0 and channel_shuffle_p <= 0:
         return images
+    generator = torch.Generator().manual_seed(seed)
     B = images.shape[0]
-    u = torch.rand(B, generator=generator)
-    gray = u < grayscale_p
+    gray = torch.rand(B, generator=generator) < grayscale_p
     shuffle = (~gray) & (torch.rand(B, generator=generator) < channel_shuffle_p)
     perms = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
     chosen = perms[torch.randint(len(perms), (B,), generator=generator)]
@@ -114,14 +113,12 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
     bar = tqdm(range(state.step, steps), desc="stage 1: g", disable=rank != 0, dynamic_ncols=True,
                initial=state.step, total=steps)
     meter, record = StepMeter(state, micro * accum, world, "classifier"), {}
-    augment_rng = torch.Generator()
     for step in bar:
         loss_sum = 0.0
         for micro_step in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
             batch = next(batches)
-            augment_rng.manual_seed(cfg.train.seed * 1_000_003 + step * 97 + micro_step * 7 + rank * 7919)  # same draws after a resume
             images = colour_augment(batch["image"], cfg.classifier.grayscale_p, cfg.classifier.channel_shuffle_p,
-                                    augment_rng)
+                                    seed=hash((cfg.train.seed, step, micro_step, rank)))
             logits = engine(images)
             loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
             engine.backward(loss)

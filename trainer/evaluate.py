@@ -18,11 +18,11 @@ from .data import dataset_classes, eval_batches, split_has_masks
 from .gate import apply_gate, preserve_scores
 from .losses import mask_lets, reconstruction
 from .metrics import SegmentationMeter
+from .models import mask_logits
 from .multiclass import (PerClassThresholdSearch, bias_groups, cam_labels_per_class, class_report,
                          per_class_table, save_confusion_png)
 from .runtime import init_distributed, run_dir, set_threads, write_json
 from .tracking import Tracker
-from .models import mask_logits
 from .train import load_frozen_g, load_segmenter, segmenter_checkpoint
 from .viz import grid_row, save_grid
 

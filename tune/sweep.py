@@ -218,9 +218,9 @@ def init_ray(settings: SweepConfig) -> None:
         # trial's controller is gone. Without an address that client looks for "the" Ray on the machine and
         # fails with "Found multiple active Ray instances" when another local Ray runs, so the stopped trial's
         # CPUs are never freed. Pin it to this Ray's dashboard: Ray's processes inherit the variable.
-        from trainer.runtime import _free_port
+        from trainer.runtime import free_port
 
-        port = _free_port()
+        port = free_port()
         api = f"http://127.0.0.1:{port}"
         os.environ[API_SERVER_ENV] = api
         env["env_vars"][API_SERVER_ENV] = api
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.config import ConfigError
     from trainer.tracking import TrackingError
 
-    previous_api = os.environ.get(API_SERVER_ENV)  # init_ray pins it; restored for in-process callers (tests)
+    previous_api = os.environ.get(API_SERVER_ENV)  # init_ray pins it; restored for callers that go on in-process
 
     try:
         run(argv)
