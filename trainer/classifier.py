@@ -2,9 +2,11 @@
 training shards with image-level tags only. g never sees a mask."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -90,29 +92,70 @@ def classifier_accuracy(g: torch.nn.Module, cfg: Config, split: str) -> dict[str
             "accuracy_negative": (correct - pos_correct) / max(neg_total, 1)}
 
 
-def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
-    """Fine-tune g for `classifier.epochs` epochs; returns the path of the saved state dict."""
-    rank, world, out = start_stage(cfg)
-    classes = dataset_classes(cfg)
+@torch.no_grad()
+def misclassified(g: torch.nn.Module, batches: Iterator[dict]) -> tuple[list[str], dict[str, list[int]]]:
+    """The keys of the images that g gets wrong (any class's σ > 0.5 decision differs from the tag; padding
+    repeats skipped), and, per group, [wrong, total]: a group is positive/negative, plus the sample's
+    `background` where its metadata has one (toy-birds: water/land), so a log shows where the errors sit."""
+    g.eval()
+    wrong: list[str] = []
+    groups: dict[str, list[int]] = {}
+    for batch in batches:
+        hits = ((torch.sigmoid(g(batch["image"])) > 0.5).float() == batch["labels"]).all(dim=1)
+        padded = batch.get("padded", torch.zeros(len(hits), dtype=torch.bool))
+        for i, key in enumerate(batch["key"]):
+            if padded[i]:
+                continue
+            meta = batch["meta"][i] if "meta" in batch else {}
+            group = "positive" if batch["labels"][i].sum() > 0 else "negative"
+            if isinstance(meta, dict) and meta.get("background"):
+                group += f"/{meta['background']}"
+            counts = groups.setdefault(group, [0, 0])
+            counts[1] += 1
+            if not hits[i]:
+                counts[0] += 1
+                wrong.append(key)
+    return wrong, dict(sorted(groups.items()))
+
+
+def jtt_weights(keys: list[str], error_set: frozenset[str] | set[str], upweight: float) -> torch.Tensor:
+    """Per-image loss weights of JTT's second pass: `upweight` for an image in the error set, 1 otherwise."""
+    return torch.tensor([upweight if key in error_set else 1.0 for key in keys])
+
+
+def jtt_loss(logits: torch.Tensor, labels: torch.Tensor, keys: list[str], error_set: frozenset[str],
+             upweight: float, mean_weight: float) -> torch.Tensor:
+    """Stage 1's loss: BCE over classes, averaged over images; an image in `error_set` counts `upweight` times,
+    and the mean is divided by the data set's mean weight `mean_weight`, so the loss is JTT's upsampled-data
+    loss in expectation at the plain loss's scale. No error set: exactly the plain mean BCE."""
+    if not error_set:
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    per_image = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1)
+    return (per_image * jtt_weights(keys, error_set, upweight)).mean() / mean_weight
+
+
+def _fit(cfg: Config, net: torch.nn.Module, epochs: int, directory: Path, tracker: Tracker, prefix: str,
+         error_set: frozenset[str] = frozenset(), upweight: float = 1.0, dataset_size: int = 0):
+    """Fine-tune `net` for `epochs` epochs of the training split under DeepSpeed, checkpointing into
+    `directory` (a killed run resumes there); returns the fp32 state dict on rank 0 (None elsewhere). With an
+    error set, each image's BCE is weighted by `jtt_weights` and the batch mean divided by the data set's mean
+    weight, which is JTT's upsampling of the error set in expectation, at an unchanged learning-rate scale."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     micro = cfg.classifier.batch_size
     ds_config = deepspeed_config(cfg, micro)
     accum = ds_config["gradient_accumulation_steps"]
-    steps = max(epoch_batches(cfg, micro) // accum, 1) * cfg.classifier.epochs
-    net = build_classifier(cfg.classifier, len(classes))
-    checkpoints = Checkpointer(out / "classifier_checkpoints", cfg.train.resume, cfg.train.checkpoint_every,
-                               cfg.train.keep_last, cfg.train.seed, ds_config)
+    steps = max(epoch_batches(cfg, micro) // accum, 1) * epochs
+    checkpoints = Checkpointer(directory, cfg.train.resume, cfg.train.checkpoint_every, cfg.train.keep_last,
+                               cfg.train.seed, ds_config)
     engine, _ = make_engine(net, cfg.classifier.lr, ds_config, cfg.classifier.weight_decay,
                             zero3_shared_master=cfg.train.zero3_shared_master)
     state = checkpoints.restore(engine)
     batches = resumable_batches(cfg, seed=cfg.train.seed, batch_size=micro, samples_seen=state.samples)
-    tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-classifier", active=rank == 0,
-                      parent_run_id=parent_run_id)
-    tracker.set_tags({"world_size": world, "zero_stage": zero_stage(ds_config),
-                      "global_batch": micro * accum * world})
+    mean_weight = 1.0 + (upweight - 1.0) * len(error_set) / max(dataset_size, 1)
     engine.train()
-    bar = tqdm(range(state.step, steps), desc="stage 1: g", disable=rank != 0, dynamic_ncols=True,
+    bar = tqdm(range(state.step, steps), desc=f"stage 1: {prefix}", disable=rank != 0, dynamic_ncols=True,
                initial=state.step, total=steps)
-    meter, record = StepMeter(state, micro * accum, world, "classifier"), {}
+    meter = StepMeter(state, micro * accum, world, prefix)
     for step in bar:
         loss_sum = 0.0
         for micro_step in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
@@ -120,17 +163,70 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
             images = colour_augment(batch["image"], cfg.classifier.grayscale_p, cfg.classifier.channel_shuffle_p,
                                     seed=hash((cfg.train.seed, step, micro_step, rank)))
             logits = engine(images)
-            loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
+            loss = jtt_loss(logits, batch["labels"], batch["key"], error_set, upweight, mean_weight)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item() / accum
         record = meter.step({"loss": loss_sum})  # means over ranks; advances step, data position, history
-        bar.set_postfix(loss=f"{record['classifier/loss']:.3f}", img_s=f"{record['classifier/images_per_s']:.0f}")
+        bar.set_postfix(loss=f"{record[f'{prefix}/loss']:.3f}", img_s=f"{record[f'{prefix}/images_per_s']:.0f}")
         if step % cfg.train.log_every == 0 or step == steps - 1:
             tracker.log_metrics(record, step)
         if checkpoints.due(state.step):
             checkpoints.save(engine, state)
     state_dict = checkpoints.finish(engine, state)  # final checkpoint; every rank gathers, rank 0 gets it
+    return state_dict, state, meter
+
+
+def jtt_error_set(cfg: Config, out: Path, classes: list[str], tracker: Tracker) -> tuple[frozenset[str], int]:
+    """JTT's first pass (Liu et al., "Just Train Twice", 2021): an ERM g trained `classifier.jtt_epochs` epochs
+    only, whose training-split mistakes are the error set, mostly the images against the bias (birds on land,
+    water without a bird on toy-birds). Saved to <run>/jtt_error_set.json, which a resumed run reuses; rank 0
+    computes it and every rank reads the file."""
+    path = out / "jtt_error_set.json"
+    rank = torch.distributed.get_rank()
+    if not path.is_file():
+        net = build_classifier(cfg.classifier, len(classes))
+        state_dict, _, _ = _fit(cfg, net, cfg.classifier.jtt_epochs, out / "classifier_jtt_checkpoints", tracker,
+                                "classifier_jtt")
+        if rank == 0:
+            net = EfficientNetLite0(num_classes=len(classes))
+            net.load_state_dict(state_dict, strict=True)
+            wrong, groups = misclassified(net, tqdm(eval_batches(cfg, "train"), desc="JTT error set",
+                                                    dynamic_ncols=True))
+            total = sum(t for _, t in groups.values())
+            write_json(path, {"epochs": cfg.classifier.jtt_epochs, "images": total, "keys": sorted(wrong),
+                              "groups": {k: {"wrong": w, "total": t} for k, (w, t) in groups.items()}})
+            tracker.log_metrics({"classifier_jtt/error_set": len(wrong), "classifier_jtt/train_images": total}, 0)
+            tracker.log_artifact(path)
+            print(f"JTT error set: {len(wrong)} of {total} training images;",
+                  ", ".join(f"{k} {w}/{t}" for k, (w, t) in groups.items()))
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
+    data = json.loads(path.read_text())
+    return frozenset(data["keys"]), int(data["images"])
+
+
+def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
+    """Fine-tune g for `classifier.epochs` epochs; returns the path of the saved state dict. With
+    `classifier.jtt_epochs` > 0 a short first pass finds the training images g gets wrong and the real pass
+    weights them by `classifier.jtt_upweight` (`jtt_error_set`)."""
+    rank, world, out = start_stage(cfg)
+    classes = dataset_classes(cfg)
+    micro = cfg.classifier.batch_size
+    ds_config = deepspeed_config(cfg, micro)
+    accum = ds_config["gradient_accumulation_steps"]
+    steps = max(epoch_batches(cfg, micro) // accum, 1) * cfg.classifier.epochs
+    tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-classifier", active=rank == 0,
+                      parent_run_id=parent_run_id)
+    tracker.set_tags({"world_size": world, "zero_stage": zero_stage(ds_config),
+                      "global_batch": micro * accum * world})
+    error_set, dataset_size = frozenset(), 0
+    if cfg.classifier.jtt_epochs > 0:
+        error_set, dataset_size = jtt_error_set(cfg, out, classes, tracker)
+        tracker.set_tags({"jtt.error_set": len(error_set), "jtt.upweight": cfg.classifier.jtt_upweight})
+    net = build_classifier(cfg.classifier, len(classes))
+    state_dict, state, meter = _fit(cfg, net, cfg.classifier.epochs, out / "classifier_checkpoints", tracker,
+                                    "classifier", error_set, cfg.classifier.jtt_upweight, dataset_size)
     path = classifier_path(cfg)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,9 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     grayscale_p: float = 0.0  # stage 1: share of training images shown in grayscale (colour is a background cue)
     channel_shuffle_p: float = 0.0  # stage 1: share of the other images shown with their RGB channels permuted
+    jtt_epochs: int = 0  # > 0: Just Train Twice; an ERM g of this many epochs picks the training images it gets
+    #                      wrong (the error set), and the real stage 1 weights their loss by jtt_upweight
+    jtt_upweight: float = 10.0
 
 
 @dataclass
@@ -252,6 +255,11 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {value}")
+    if cfg.classifier.jtt_epochs < 0:
+        raise ConfigError(f"config key 'classifier.jtt_epochs' must be ≥ 0 (0 = off), got {cfg.classifier.jtt_epochs}")
+    if cfg.classifier.jtt_upweight < 1:
+        raise ConfigError("config key 'classifier.jtt_upweight' must be ≥ 1 (the error set's loss weight), got "
+                          f"{cfg.classifier.jtt_upweight}")
     for key in ("classifier.grayscale_p", "classifier.channel_shuffle_p"):
         value = getattr(cfg.classifier, key.split(".")[1])
         if not 0.0 <= value <= 1.0:
