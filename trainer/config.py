@@ -92,6 +92,8 @@ class ObjectiveConfig:
     edge_aware_tv: float = 0.0  # > 0: TV weight exp(-|∇I|·edge_aware_tv) (cuts allowed on image edges)
     recon_weight: float = 10.0
     paste_weight: float = 0.0  # preserve_delete: background-swap consistency L_paste (0 = off)
+    erase_weight: float = 0.0  # preserve_delete: erase consistency L_erase, no object once erased (0 = off)
+    erase_dilate: int = 3  # L_erase: pixels the hardened mask grows by before erasing
     fill_sigma: float = 10.0  # preserve_delete: Gaussian-blur fill of deleted regions, in pixels
     fill: str = "blur"  # "blur" | "shuffle" (blurred image of another sample)
     cam_threshold: float = 0.5  # cam_pseudo: CAM score above which a pixel is labelled with the tag's class
@@ -255,8 +257,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {value}")
-    if cfg.classifier.jtt_epochs < 0:
-        raise ConfigError(f"config key 'classifier.jtt_epochs' must be ≥ 0 (0 = off), got {cfg.classifier.jtt_epochs}")
+    for key, value in {"classifier.jtt_epochs": cfg.classifier.jtt_epochs,
+                       "objective.erase_dilate": cfg.objective.erase_dilate}.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be ≥ 0 (0 = off), got {value}")
     if cfg.classifier.jtt_upweight < 1:
         raise ConfigError("config key 'classifier.jtt_upweight' must be ≥ 1 (the error set's loss weight), got "
                           f"{cfg.classifier.jtt_upweight}")

@@ -198,6 +198,36 @@ def L_paste(segment: Callable[[torch.Tensor], dict], I: torch.Tensor, y: torch.T
     return bce(M_new, (source > 0.5).to(M_new.dtype)).mean()
 
 
+def erased(M_fg: torch.Tensor, I: torch.Tensor, fill: torch.Tensor, dilate: int) -> torch.Tensor:
+    """E: the image with its objects removed for good. The mask is hardened at 0.5 and grown by `dilate` pixels
+    (so edges and thin parts go too), then filled with F; no gradient. `M_fg` is B×H×W."""
+    with torch.no_grad():
+        hard = (M_fg > 0.5).to(I.dtype).unsqueeze(1)
+        if dilate > 0:
+            hard = F.max_pool2d(hard, 2 * dilate + 1, stride=1, padding=dilate)
+        return (1 - hard) * I + hard * fill
+
+
+def L_erase(segment: Callable[[torch.Tensor], dict], g: Classifier, I: torch.Tensor, y: torch.Tensor,
+            M_fg: torch.Tensor, fill: torch.Tensor, num_classes: int, dilate: int) -> torch.Tensor:
+    """Erase consistency: each positive image with its objects erased by the current mask (`erased`) is a
+    background-only image, and the mask network must find no object there: BCE(M_c(E), 0) over pixels and class
+    components. It counts only where g agrees that E holds no class any more (σ(g(E)) < 0.5 for every class), so
+    an incomplete erasure never teaches the mask to ignore an object. On toy-birds the positives are mostly on
+    water, so E is the water-without-bird image that the training set (ρ = 0.9) almost lacks and that g reads as
+    "bird"; it teaches the mask network that water alone is background without asking g. Mean over the counted
+    images; 0 (with a graph) when none counts."""
+    positive = y.sum(dim=1) > 0
+    if not positive.any():  # still one forward: every rank runs the same forwards (see L_paste)
+        return segment(I[:1])["mask_logits"].sum() * 0.0
+    E = erased(M_fg[positive], I[positive], fill[positive], dilate)
+    with torch.no_grad():
+        clean = (torch.sigmoid(g(E)) < 0.5).all(dim=1)
+    M_new = mask_lets(segment(E)["mask_logits"])[:, :num_classes]
+    per_image = bce(M_new, torch.zeros_like(M_new)).flatten(1).mean(dim=1)
+    return (per_image * clean.to(per_image.dtype)).sum() / clean.sum().clamp(min=1)
+
+
 def classifier_rows(M: torch.Tensor, M_fg: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]:
     """The (image, mask) pairs the classifier terms look at, in image order: one per tagged class c of an
@@ -230,8 +260,8 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
                               cfg: ObjectiveConfig, training: bool = True,
                               segment: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
     """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
-    + tv_weight·L_tv + absent_weight·L_absent) + recon_weight·L_recon + paste_weight·L_paste (the last only
-    while training, given the mask network `segment`).
+    + tv_weight·L_tv + absent_weight·L_absent) + recon_weight·L_recon + paste_weight·L_paste
+    + erase_weight·L_erase (the last two only while training, given the mask network `segment`).
 
     For C classes the classifier terms work per tagged class on the class's own component (`classifier_rows`):
     keeping only M_c must read as class c alone, removing M_c must remove class c and keep the others. L_tv is
@@ -263,6 +293,9 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     if cfg.paste_weight > 0 and training and segment is not None:
         terms["L_paste"] = L_paste(segment, I, y, M[:, :C] if C > 1 else M_fg, C)
         terms["loss"] = terms["loss"] + cfg.paste_weight * terms["L_paste"]
+    if cfg.erase_weight > 0 and training and segment is not None:
+        terms["L_erase"] = L_erase(segment, g, I, y, M_fg, fill, C, cfg.erase_dilate)
+        terms["loss"] = terms["loss"] + cfg.erase_weight * terms["L_erase"]
     return terms
 
 
