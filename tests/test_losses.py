@@ -1,13 +1,14 @@
 """Every loss term against values computed by hand on tiny tensors."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from trainer.config import ObjectiveConfig
-from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_mask, L_paste, L_preserve, L_recon, L_tv,
-                            cls_targets, deleted, foreground, gaussian_blur, mask_lets, objective, preserved,
-                            reconstruction)
+from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_paste, L_preserve, L_recon,
+                            L_tv, cls_targets, deleted, erased, foreground, gaussian_blur, mask_lets, objective,
+                            preserved, reconstruction)
 
 
 def _logit(p):
@@ -189,6 +190,49 @@ def test_L_paste_targets_the_hardened_source_mask_on_negative_backgrounds():
     assert seen["images"].shape[0] == 1  # the zero-weighted forward still ran (equal forwards per rank)
 
 
+def test_erased_fills_the_hardened_dilated_mask():
+    I, fill = torch.rand(1, 3, 7, 7), torch.full((1, 3, 7, 7), -1.0)
+    M_fg = torch.zeros(1, 7, 7)
+    M_fg[0, 3, 3] = 0.9
+    M_fg[0, 0, 6] = 0.4  # below 0.5: kept
+    E = erased(M_fg, I, fill, dilate=1)
+    gone = (E == -1.0).all(dim=1)[0]
+    expected = torch.zeros(7, 7, dtype=torch.bool)
+    expected[2:5, 2:5] = True  # one pixel grown by 1 in every direction
+    assert torch.equal(gone, expected)
+    assert torch.equal(E[0][:, ~expected], I[0][:, ~expected])
+    assert torch.equal(erased(M_fg, I, fill, dilate=0)[0, :, 3, 3], fill[0, :, 3, 3])
+
+
+def test_L_erase_counts_only_positives_that_g_reads_as_empty():
+    I, fill = torch.rand(3, 3, 4, 4), torch.zeros(3, 3, 4, 4)
+    y = torch.tensor([[1.0], [0.0], [1.0]])
+    M_fg = torch.zeros(3, 4, 4)
+    seen = {}
+
+    def segment(images):
+        seen["images"] = images
+        logits = torch.zeros(2, 2, 4, 4)
+        logits[0, 0] = _logit(0.2) / 2  # softmax over 2 components: p_fg = σ(z0 − z1) = 0.2
+        logits[0, 1] = -_logit(0.2) / 2
+        logits[1, 0], logits[1, 1] = _logit(0.7) / 2, -_logit(0.7) / 2
+        return {"mask_logits": logits[:images.shape[0]]}
+
+    def g_says(values):
+        return lambda images: torch.tensor(values).unsqueeze(1)
+
+    # g reads the first erased positive as empty, the second still as a bird: only the first counts
+    value = L_erase(segment, g_says([-3.0, 3.0]), I, y, M_fg, fill, num_classes=1, dilate=0)
+    assert value.item() == pytest.approx(-math.log(0.8), rel=1e-5)
+    assert seen["images"].shape[0] == 2 and torch.equal(seen["images"][1], I[2])  # positives only
+    both = L_erase(segment, g_says([-3.0, -3.0]), I, y, M_fg, fill, num_classes=1, dilate=0)
+    assert both.item() == pytest.approx((-math.log(0.8) - math.log(0.3)) / 2, rel=1e-5)
+    assert L_erase(segment, g_says([3.0, 3.0]), I, y, M_fg, fill, 1, 0).item() == 0.0
+    # no positive in the batch → 0, after one zero-weighted forward (equal forwards per rank)
+    assert L_erase(segment, g_says([]), I, torch.zeros(3, 1), M_fg, fill, 1, 0).item() == 0.0
+    assert seen["images"].shape[0] == 1
+
+
 def test_objective_totals_are_weighted_sums_of_their_terms():
     out, I, y, g = _tiny_batch()
 
@@ -201,6 +245,16 @@ def test_objective_totals_are_weighted_sums_of_their_terms():
     expected = (3.0 * (t["L_preserve"] + t["L_delete"]) + 2.0 * (8 * t["L_area"] + 0.5 * t["L_tv"])
                 + 10 * t["L_recon"])
     assert t["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+    def segment(images):
+        return {"mask_logits": torch.zeros(images.shape[0], 2, 8, 8)}
+
+    with_erase = replace(pd, erase_weight=0.25)
+    t = objective(out, I, y, lambda images: -torch.ones(images.shape[0], 1), with_erase, segment=segment)
+    assert t["L_erase"].item() == pytest.approx(math.log(2), rel=1e-5)
+    rest = 3.0 * (t["L_preserve"] + t["L_delete"]) + 2.0 * (8 * t["L_area"] + 0.5 * t["L_tv"]) + 10 * t["L_recon"]
+    assert t["loss"].item() == pytest.approx((rest + 0.25 * t["L_erase"]).item(), rel=1e-6)
+    assert "L_erase" not in objective(out, I, y, g, with_erase, training=False, segment=segment)
 
 
 def test_L_pseudo_maps_labels_to_components():
