@@ -228,6 +228,8 @@ def test_L_erase_counts_only_positives_that_g_reads_as_empty():
     both = L_erase(segment, g_says([-3.0, -3.0]), I, y, M_fg, fill, num_classes=1, dilate=0)
     assert both.item() == pytest.approx((-math.log(0.8) - math.log(0.3)) / 2, rel=1e-5)
     assert L_erase(segment, g_says([3.0, 3.0]), I, y, M_fg, fill, 1, 0).item() == 0.0
+    ungated = L_erase(segment, None, I, y, M_fg, fill, num_classes=1, dilate=0)  # erase_gate: false
+    assert ungated.item() == pytest.approx(both.item(), rel=1e-6)
     # no positive in the batch → 0, after one zero-weighted forward (equal forwards per rank)
     assert L_erase(segment, g_says([]), I, torch.zeros(3, 1), M_fg, fill, 1, 0).item() == 0.0
     assert seen["images"].shape[0] == 1

@@ -94,6 +94,7 @@ class ObjectiveConfig:
     paste_weight: float = 0.0  # preserve_delete: background-swap consistency L_paste (0 = off)
     erase_weight: float = 0.0  # preserve_delete: erase consistency L_erase, no object once erased (0 = off)
     erase_dilate: int = 3  # L_erase: pixels the hardened mask grows by before erasing
+    erase_gate: bool = True  # L_erase: count an erased image only where g reads it as empty
     fill_sigma: float = 10.0  # preserve_delete: Gaussian-blur fill of deleted regions, in pixels
     fill: str = "blur"  # "blur" | "shuffle" (blurred image of another sample)
     cam_threshold: float = 0.5  # cam_pseudo: CAM score above which a pixel is labelled with the tag's class

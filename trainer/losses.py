@@ -208,21 +208,21 @@ def erased(M_fg: torch.Tensor, I: torch.Tensor, fill: torch.Tensor, dilate: int)
         return (1 - hard) * I + hard * fill
 
 
-def L_erase(segment: Callable[[torch.Tensor], dict], g: Classifier, I: torch.Tensor, y: torch.Tensor,
+def L_erase(segment: Callable[[torch.Tensor], dict], g: Classifier | None, I: torch.Tensor, y: torch.Tensor,
             M_fg: torch.Tensor, fill: torch.Tensor, num_classes: int, dilate: int) -> torch.Tensor:
     """Erase consistency: each positive image with its objects erased by the current mask (`erased`) is a
     background-only image, and the mask network must find no object there: BCE(M_c(E), 0) over pixels and class
-    components. It counts only where g agrees that E holds no class any more (σ(g(E)) < 0.5 for every class), so
-    an incomplete erasure never teaches the mask to ignore an object. On toy-birds the positives are mostly on
-    water, so E is the water-without-bird image that the training set (ρ = 0.9) almost lacks and that g reads as
-    "bird"; it teaches the mask network that water alone is background without asking g. Mean over the counted
-    images; 0 (with a graph) when none counts."""
+    components. Given g (`objective.erase_gate`), it counts only where g agrees that E holds no class any more
+    (σ(g(E)) < 0.5 for every class), so an incomplete erasure never teaches the mask to ignore an object; with
+    g None every erased positive counts, even where g's bias still reads the background as the class. On
+    toy-birds the positives are mostly on water, so E is the water-without-bird image that the training set
+    (ρ = 0.9) almost lacks. Mean over the counted images; 0 (with a graph) when none counts."""
     positive = y.sum(dim=1) > 0
     if not positive.any():  # still one forward: every rank runs the same forwards (see L_paste)
         return segment(I[:1])["mask_logits"].sum() * 0.0
     E = erased(M_fg[positive], I[positive], fill[positive], dilate)
     with torch.no_grad():
-        clean = (torch.sigmoid(g(E)) < 0.5).all(dim=1)
+        clean = (torch.sigmoid(g(E)) < 0.5).all(dim=1) if g is not None else torch.ones(len(E), dtype=torch.bool)
     M_new = mask_lets(segment(E)["mask_logits"])[:, :num_classes]
     per_image = bce(M_new, torch.zeros_like(M_new)).flatten(1).mean(dim=1)
     return (per_image * clean.to(per_image.dtype)).sum() / clean.sum().clamp(min=1)
@@ -294,7 +294,7 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
         terms["L_paste"] = L_paste(segment, I, y, M[:, :C] if C > 1 else M_fg, C)
         terms["loss"] = terms["loss"] + cfg.paste_weight * terms["L_paste"]
     if cfg.erase_weight > 0 and training and segment is not None:
-        terms["L_erase"] = L_erase(segment, g, I, y, M_fg, fill, C, cfg.erase_dilate)
+        terms["L_erase"] = L_erase(segment, g if cfg.erase_gate else None, I, y, M_fg, fill, C, cfg.erase_dilate)
         terms["loss"] = terms["loss"] + cfg.erase_weight * terms["L_erase"]
     return terms
 
