@@ -16,7 +16,7 @@ from .checkpoint import Checkpointer
 from .config import ClassifierConfig, Config
 from .data import dataset_classes, eval_batches
 from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
-from .runtime import (StepMeter, atomic_torch_save, deepspeed_config, epoch_batches, make_engine,
+from .runtime import (LoopState, StepMeter, atomic_torch_save, deepspeed_config, epoch_batches, make_engine,
                       resumable_batches, run_dir, start_stage, write_json, zero_stage)
 from .tracking import Tracker
 
@@ -135,7 +135,8 @@ def jtt_loss(logits: torch.Tensor, labels: torch.Tensor, keys: list[str], error_
 
 
 def _fit(cfg: Config, net: torch.nn.Module, epochs: int, directory: Path, tracker: Tracker, prefix: str,
-         error_set: frozenset[str] = frozenset(), upweight: float = 1.0, dataset_size: int = 0):
+         error_set: frozenset[str] = frozenset(), upweight: float = 1.0,
+         dataset_size: int = 0) -> tuple[dict[str, torch.Tensor] | None, LoopState, StepMeter]:
     """Fine-tune `net` for `epochs` epochs of the training split under DeepSpeed, checkpointing into
     `directory` (a killed run resumes there); returns the fp32 state dict on rank 0 (None elsewhere). With an
     error set, each image's BCE is weighted by `jtt_weights` and the batch mean divided by the data set's mean
@@ -179,8 +180,8 @@ def _fit(cfg: Config, net: torch.nn.Module, epochs: int, directory: Path, tracke
 
 def jtt_error_set(cfg: Config, out: Path, classes: list[str], tracker: Tracker) -> tuple[frozenset[str], int]:
     """JTT's first pass (Liu et al., "Just Train Twice", 2021): an ERM g trained `classifier.jtt_epochs` epochs
-    only, whose training-split mistakes are the error set, mostly the images against the bias (birds on land,
-    water without a bird on toy-birds). Saved to <run>/jtt_error_set.json, which a resumed run reuses; rank 0
+    only, whose training-split mistakes are the error set; JTT's premise is that these are the images against
+    the bias (on toy-birds they are not: docs/results.md). Saved to <run>/jtt_error_set.json, which a resumed run reuses; rank 0
     computes it and every rank reads the file."""
     path = out / "jtt_error_set.json"
     rank = torch.distributed.get_rank()
