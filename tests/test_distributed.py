@@ -481,12 +481,13 @@ def test_two_ranks_equal_one_rank_with_double_batch(work, toy_dataset):
     makes the ranks take different steps on every element (mean |Δw| ~ lr, 500× the allowed mean)."""
     work, common = work
     params = {"config": str(REPO / "configs/toy_birds.yaml"),
-              # L_paste pairs positives with negatives inside a micro-batch, so it is not additive over ranks;
+              # L_paste pairs positives with negatives inside a micro-batch and L_erase averages over a micro-batch's
+              # positives, so neither is additive over ranks;
               # equivalence is a property of the data-parallel step, checked on the per-image terms (with the
               # lowres head, where the tolerance below was measured; local-mean divisions amplify float noise
               # on near-zero Adam denominators to ~1 step on a few elements)
               "overrides": [str(c) for c in common[2:]] + ["train.checkpoint_every=0", "objective.paste_weight=0",
-                                                                 "model.imagelet_head=lowres"]}
+                                                                 "objective.erase_weight=0", "model.imagelet_head=lowres"]}
     script = Path(__file__).resolve()
     one = [sys.executable, script, "equivalence", json.dumps(params)]
     _run(one, work / "eq1.log", work)
