@@ -222,7 +222,8 @@ def L_erase(segment: Callable[[torch.Tensor], dict], g: Classifier | None, I: to
         return segment(I[:1])["mask_logits"].sum() * 0.0
     E = erased(M_fg[positive], I[positive], fill[positive], dilate)
     with torch.no_grad():
-        clean = (torch.sigmoid(g(E)) < 0.5).all(dim=1) if g is not None else torch.ones(len(E), dtype=torch.bool)
+        clean = (torch.sigmoid(g(E)) < 0.5).all(dim=1) if g is not None else torch.ones(
+            len(E), dtype=torch.bool, device=E.device)
     M_new = mask_lets(segment(E)["mask_logits"])[:, :num_classes]
     per_image = bce(M_new, torch.zeros_like(M_new)).flatten(1).mean(dim=1)
     return (per_image * clean.to(per_image.dtype)).sum() / clean.sum().clamp(min=1)
