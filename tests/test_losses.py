@@ -283,3 +283,17 @@ def test_cam_pseudo_labels_come_from_tag_gated_cam():
     by_tag = cam_scores(FakeG(), images, tags=torch.tensor([[1.0], [0.0]]))
     assert by_tag[0, 0, 0, 0] == pytest.approx(1.0) and by_tag[0, 0, 1, 1] == 0 and by_tag[1].sum() == 0
     assert cam_labels(by_tag, 0.5).tolist() == [[[1, 0], [0, 0]], [[0, 0], [0, 0]]]
+
+
+def test_L_erase_with_two_classes_targets_every_class_component():
+    I, fill = torch.rand(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # a positive of each class
+    M_fg = torch.zeros(2, 4, 4)
+
+    def segment(images):  # K = 3: two classes and one background component, 1/3 each
+        return {"mask_logits": torch.zeros(images.shape[0], 3, 4, 4)}
+
+    value = L_erase(segment, None, I, y, M_fg, fill, num_classes=2, dilate=1)
+    assert value.item() == pytest.approx(-math.log(2 / 3), rel=1e-5)  # BCE(1/3, 0) on both class components
+    g = lambda images: torch.tensor([[-2.0, -2.0], [-2.0, 1.0]])  # the second still reads as class 1
+    assert L_erase(segment, g, I, y, M_fg, fill, 2, 1).item() == pytest.approx(-math.log(2 / 3), rel=1e-5)
