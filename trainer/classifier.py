@@ -181,8 +181,8 @@ def _fit(cfg: Config, net: torch.nn.Module, epochs: int, directory: Path, tracke
 def jtt_error_set(cfg: Config, out: Path, classes: list[str], tracker: Tracker) -> tuple[frozenset[str], int]:
     """JTT's first pass (Liu et al., "Just Train Twice", 2021): an ERM g trained `classifier.jtt_epochs` epochs
     only, whose training-split mistakes are the error set; JTT's premise is that these are the images against
-    the bias (on toy-birds they are not: docs/results.md). Saved to <run>/jtt_error_set.json, which a resumed run reuses; rank 0
-    computes it and every rank reads the file."""
+    the bias (on toy-birds they are not: docs/results.md). Saved to <run>/jtt_error_set.json, which a resumed
+    run reuses; rank 0 computes it and every rank reads the file."""
     path = out / "jtt_error_set.json"
     rank = torch.distributed.get_rank()
     if not path.is_file():
@@ -216,7 +216,6 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
     micro = cfg.classifier.batch_size
     ds_config = deepspeed_config(cfg, micro)
     accum = ds_config["gradient_accumulation_steps"]
-    steps = max(epoch_batches(cfg, micro) // accum, 1) * cfg.classifier.epochs
     tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-classifier", active=rank == 0,
                       parent_run_id=parent_run_id)
     tracker.set_tags({"world_size": world, "zero_stage": zero_stage(ds_config),
@@ -239,7 +238,7 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
         for split in cfg.eval.splits:
             for key, value in classifier_accuracy(g, cfg, split).items():
                 metrics[f"{split}/g_{key}"] = value
-        tracker.log_metrics(metrics, steps)
+        tracker.log_metrics(metrics, state.step)
         log.info("g accuracy: %s", metrics)
         print("stage 1 done: g saved to", path, {k: round(v, 3) for k, v in metrics.items()})
         tracker.log_artifact(out / "config.yaml")
