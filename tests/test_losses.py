@@ -7,7 +7,7 @@ import torch
 
 from trainer.config import ObjectiveConfig
 from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_paste, L_preserve, L_recon,
-                            L_tv, cls_targets, deleted, erased, foreground, gaussian_blur, mask_lets, objective,
+                            L_tv, cls_targets, deleted, erase_schedule, erased, foreground, gaussian_blur, mask_lets, objective,
                             preserved, reconstruction)
 
 
@@ -257,6 +257,32 @@ def test_objective_totals_are_weighted_sums_of_their_terms():
     rest = 3.0 * (t["L_preserve"] + t["L_delete"]) + 2.0 * (8 * t["L_area"] + 0.5 * t["L_tv"]) + 10 * t["L_recon"]
     assert t["loss"].item() == pytest.approx((rest + 0.25 * t["L_erase"]).item(), rel=1e-6)
     assert "L_erase" not in objective(out, I, y, g, with_erase, training=False, segment=segment)
+
+
+def test_erase_schedule_waits_then_ramps_linearly():
+    cfg = ObjectiveConfig(erase_start=20, erase_ramp=4)
+    assert [erase_schedule(cfg, s) for s in (0, 19, 20, 21, 22, 23, 24, 500)] == [0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
+    assert erase_schedule(ObjectiveConfig(erase_start=5), 4) == 0 and erase_schedule(ObjectiveConfig(erase_start=5), 5) == 1
+    assert erase_schedule(ObjectiveConfig(), 0) == 1  # defaults: on from the first step, as before the schedule
+    assert erase_schedule(cfg, None) == 1  # outside a training loop
+
+
+def test_objective_scales_L_erase_by_its_schedule():
+    out, I, y, _ = _tiny_batch()
+
+    def segment(images):
+        return {"mask_logits": torch.zeros(images.shape[0], 2, 8, 8)}
+
+    def g(images):
+        return -torch.ones(images.shape[0], 1)
+
+    cfg = ObjectiveConfig(preset="preserve_delete", erase_weight=2.0, erase_start=10, erase_ramp=4)
+    before = objective(out, I, y, g, cfg, segment=segment, step=9)
+    assert "L_erase" not in before  # not even computed: no mask-network pass before the start
+    for step, factor in ((10, 0.25), (12, 0.75), (300, 1.0)):
+        t = objective(out, I, y, g, cfg, segment=segment, step=step)
+        assert t["L_erase"].item() == pytest.approx(math.log(2), rel=1e-5)
+        assert t["loss"].item() == pytest.approx((before["loss"] + 2.0 * factor * t["L_erase"]).item(), rel=1e-6)
 
 
 def test_L_pseudo_maps_labels_to_components():

@@ -68,6 +68,7 @@ def test_config_base_inheritance():
     ("data.image_size=0", "'data.image_size' must be positive"),
     ("train.steps", "not of the form key.sub=value"),
     ("objective.erase_dilate=-2", "'objective.erase_dilate' must be ≥ 0 (0 = off), got -2"),
+    ("objective.erase_start=-1", "'objective.erase_start' is a number of training steps, ≥ 0; got -1"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -95,6 +95,8 @@ class ObjectiveConfig:
     erase_weight: float = 0.0  # preserve_delete: erase consistency L_erase, no object once erased (0 = off)
     erase_dilate: int = 3  # L_erase: pixels the hardened mask grows by before erasing
     erase_gate: bool = True  # L_erase: count an erased image only where g reads it as empty
+    erase_start: int = 0  # L_erase: first training step it is on (erasing with a mask not yet formed empties it)
+    erase_ramp: int = 0  # L_erase: steps over which its weight rises linearly from 0 after erase_start (0 = at once)
     fill_sigma: float = 10.0  # preserve_delete: Gaussian-blur fill of deleted regions, in pixels
     fill: str = "blur"  # "blur" | "shuffle" (blurred image of another sample)
     cam_threshold: float = 0.5  # cam_pseudo: CAM score above which a pixel is labelled with the tag's class
@@ -262,6 +264,10 @@ def validate(cfg: Config) -> None:
                        "objective.erase_dilate": cfg.objective.erase_dilate}.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be ≥ 0 (0 = off), got {value}")
+    for key in ("objective.erase_start", "objective.erase_ramp"):
+        value = getattr(cfg.objective, key.split(".")[1])
+        if value < 0:
+            raise ConfigError(f"config key {key!r} is a number of training steps, ≥ 0; got {value}")
     if cfg.classifier.jtt_upweight < 1:
         raise ConfigError("config key 'classifier.jtt_upweight' must be ≥ 1 (the error set's loss weight), got "
                           f"{cfg.classifier.jtt_upweight}")

@@ -257,12 +257,26 @@ def L_absent(M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((1 - y) * M[:, :C].mean(dim=(2, 3))).sum(dim=1).mean()
 
 
+def erase_schedule(cfg: ObjectiveConfig, step: int | None) -> float:
+    """The factor on erase_weight at training step `step` (0-based): 0 before `erase_start`, then rising
+    linearly to 1 over `erase_ramp` steps (the first step at erase_start already gets 1/erase_ramp). A mask that
+    has not found the object yet erases nothing, and L_erase would then teach "no mask" on the whole image, so
+    erasing waits for the mask to form. `step` None (outside a training loop) → 1."""
+    if step is None:
+        return 1.0
+    if step < cfg.erase_start:
+        return 0.0
+    return 1.0 if cfg.erase_ramp <= 0 else min(1.0, (step - cfg.erase_start + 1) / cfg.erase_ramp)
+
+
 def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier,
                               cfg: ObjectiveConfig, training: bool = True,
-                              segment: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
+                              segment: Callable[[torch.Tensor], dict] | None = None,
+                              step: int | None = None) -> dict[str, torch.Tensor]:
     """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
     + tv_weight·L_tv + absent_weight·L_absent) + recon_weight·L_recon + paste_weight·L_paste
-    + erase_weight·L_erase (the last two only while training, given the mask network `segment`).
+    + erase_weight·erase_schedule(step)·L_erase (the last two only while training, given the mask network
+    `segment`; L_erase only once its schedule has started).
 
     For C classes the classifier terms work per tagged class on the class's own component (`classifier_rows`):
     keeping only M_c must read as class c alone, removing M_c must remove class c and keep the others. L_tv is
@@ -294,9 +308,10 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     if cfg.paste_weight > 0 and training and segment is not None:
         terms["L_paste"] = L_paste(segment, I, y, M[:, :C] if C > 1 else M_fg, C)
         terms["loss"] = terms["loss"] + cfg.paste_weight * terms["L_paste"]
-    if cfg.erase_weight > 0 and training and segment is not None:
+    erase_factor = erase_schedule(cfg, step)
+    if cfg.erase_weight > 0 and erase_factor > 0 and training and segment is not None:
         terms["L_erase"] = L_erase(segment, g if cfg.erase_gate else None, I, y, M_fg, fill, C, cfg.erase_dilate)
-        terms["loss"] = terms["loss"] + cfg.erase_weight * terms["L_erase"]
+        terms["loss"] = terms["loss"] + cfg.erase_weight * erase_factor * terms["L_erase"]
     return terms
 
 
@@ -326,5 +341,9 @@ OBJECTIVES = {"paper": paper_objective, "preserve_delete": preserve_delete_objec
 
 
 def objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
-              training: bool = True, segment: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
+              training: bool = True, segment: Callable[[torch.Tensor], dict] | None = None,
+              step: int | None = None) -> dict[str, torch.Tensor]:
+    """The preset's objective; `step` (the training step, for scheduled terms) reaches only preserve_delete."""
+    if cfg.preset == "preserve_delete":
+        return preserve_delete_objective(out, I, y, g, cfg, training, segment, step)
     return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training, segment)

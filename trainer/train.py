@@ -157,7 +157,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
         for _ in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
             batch = next(batches)
             images, labels = batch["image"], batch["labels"]
-            terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine)
+            terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step)
             engine.backward(terms["loss"])
             engine.step()
             for name, value in terms.items():
