@@ -33,12 +33,12 @@ def tiny_run(toy_dataset, tmp_path_factory):
         "stage2": wsssrec("train", *common, "train.steps=60", "train.checkpoint_every=30", cwd=work),
         "eval": wsssrec("eval", *common, cwd=work),
     }
-    return work, work / "runs" / "tiny", outputs
+    return work, work / "runs" / "tiny", outputs, common
 
 
 @pytest.mark.slow
 def test_stage_outputs_exist(tiny_run):
-    _, run, _ = tiny_run
+    _, run, _, _ = tiny_run
     for name in ["classifier.pt", "segmenter.pt", "config.yaml", "train_history.json", "eval/results.json",
                  "eval/results.md", "eval/grid_val.png", "eval/grid_test_aligned.png", "eval/grid_test_conflict.png"]:
         assert (run / name).is_file(), name
@@ -49,7 +49,7 @@ def test_stage_outputs_exist(tiny_run):
 
 @pytest.mark.slow
 def test_loss_falls(tiny_run):
-    _, run, _ = tiny_run
+    _, run, _, _ = tiny_run
     loss = json.loads((run / "train_history.json").read_text())["loss"]
     assert len(loss) == 60
     assert np.mean(loss[-10:]) < 0.8 * np.mean(loss[:10])
@@ -57,7 +57,7 @@ def test_loss_falls(tiny_run):
 
 @pytest.mark.slow
 def test_eval_table_has_every_method_and_split(tiny_run):
-    _, run, outputs = tiny_run
+    _, run, outputs, _ = tiny_run
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["splits"]) == {"val", "test_aligned", "test_conflict"}
     for split in results["splits"].values():
@@ -73,7 +73,7 @@ def test_eval_table_has_every_method_and_split(tiny_run):
 def test_masks_respond_to_the_tag(tiny_run):
     """The default (best) objective: mean predicted bird area on positives clearly above negatives. (On the
     tiny set g itself is near chance on test_conflict, so the claim is made where g is competent.)"""
-    _, run, _ = tiny_run
+    _, run, _, _ = tiny_run
     results = json.loads((run / "eval" / "results.json").read_text())
     for name in ("val", "test_aligned"):
         area = results["splits"][name]["mean_fg_area"]
@@ -81,10 +81,26 @@ def test_masks_respond_to_the_tag(tiny_run):
 
 
 @pytest.mark.slow
+def test_sweep_validation_scores_a_segmenter_as_eval_does(tiny_run):
+    """The number ASHA and the registry rank trials on (tune/validate.py) is `wsssrec eval`'s val mIoU: same
+    flip test-time augmentation, same foreground threshold."""
+    from trainer.config import load_config
+    from tune.validate import validation_metrics
+
+    _, run, _, common = tiny_run
+    cfg = load_config(common[1], common[2:])
+    assert cfg.eval.flip  # the default config predicts with flip
+    results = json.loads((run / "eval" / "results.json").read_text())
+    ours = validation_metrics(cfg, run / "segmenter.pt", "val", cfg.objective)
+    assert ours["val/method/miou"] == pytest.approx(results["splits"]["val"]["methods"]["method"]["miou"], abs=1e-6)
+    assert ours["val/loss"] > 0
+
+
+@pytest.mark.slow
 def test_mlflow_holds_params_metrics_and_grids(tiny_run):
     import mlflow
 
-    work, _, _ = tiny_run
+    work, _, _, _ = tiny_run
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
     exp = client.get_experiment_by_name("wsssrec")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
