@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.config import ObjectiveConfig
-from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_paste, L_preserve, L_recon,
+from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_negative, L_paste, L_preserve, L_recon,
                             L_tv, cls_targets, deleted, erase_schedule, erased, foreground, gaussian_blur, mask_lets, objective,
                             preserved, reconstruction)
 
@@ -257,6 +257,28 @@ def test_objective_totals_are_weighted_sums_of_their_terms():
     rest = 3.0 * (t["L_preserve"] + t["L_delete"]) + 2.0 * (8 * t["L_area"] + 0.5 * t["L_tv"]) + 10 * t["L_recon"]
     assert t["loss"].item() == pytest.approx((rest + 0.25 * t["L_erase"]).item(), rel=1e-6)
     assert "L_erase" not in objective(out, I, y, g, with_erase, training=False, segment=segment)
+
+
+def test_L_negative_is_pixel_bce_to_zero_on_untagged_images_only():
+    # image 0 tagged (its mask does not count), images 1 and 2 untagged: mask 0.5 everywhere / 0.9 on 1 of 4 px
+    M_fg = torch.tensor([[[0.9, 0.9], [0.9, 0.9]], [[0.5, 0.5], [0.5, 0.5]], [[0.9, 0.0], [0.0, 0.0]]])
+    y = torch.tensor([[1.0], [0.0], [0.0]])
+    expected = (4 * -math.log(0.5) + -math.log(0.1)) / 8
+    assert L_negative(M_fg, y).item() == pytest.approx(expected, rel=1e-4)
+    # two classes: untagged means no class at all; an image with any tag is not a negative bag
+    y2 = torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    assert L_negative(M_fg, y2).item() == pytest.approx(-math.log(0.5), rel=1e-4)
+    none = L_negative(M_fg.requires_grad_(), torch.ones(3, 1))
+    assert none.item() == 0.0 and none.requires_grad  # no negative in the batch: 0 with a graph
+
+
+def test_objective_adds_L_negative_with_lambda_m():
+    out, I, y, g = _tiny_batch()
+    base = ObjectiveConfig(preset="preserve_delete", lambda_m=0.5)
+    without = objective(out, I, y, g, base)
+    t = objective(out, I, y, g, replace(base, negative_weight=4.0))
+    assert "L_negative" not in without and t["L_negative"].item() > 0
+    assert t["loss"].item() == pytest.approx((without["loss"] + 0.5 * 4.0 * t["L_negative"]).item(), rel=1e-6)
 
 
 def test_erase_schedule_waits_then_ramps_linearly():

@@ -269,12 +269,24 @@ def erase_schedule(cfg: ObjectiveConfig, step: int | None) -> float:
     return 1.0 if cfg.erase_ramp <= 0 else min(1.0, (step - cfg.erase_start + 1) / cfg.erase_ramp)
 
 
+def L_negative(M_fg: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Negative bags (multiple-instance learning): an image tagged with no class holds no object pixel, so every
+    pixel of M_fg there is background: BCE(M_fg, 0), mean over the pixels of the untagged images. Unlike L_area
+    (linear in M_fg, over all images) it punishes a confident false positive without bound, which is what g's
+    bias leaves on toy-birds' water negatives (splashes that g reads as "bird" and L_delete therefore pushes
+    into the mask). 0 (with a graph) when the batch has no untagged image."""
+    negative = y.sum(dim=1) == 0
+    if not negative.any():
+        return M_fg.sum() * 0.0
+    return bce(M_fg[negative], torch.zeros_like(M_fg[negative])).mean()
+
+
 def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier,
                               cfg: ObjectiveConfig, training: bool = True,
                               segment: Callable[[torch.Tensor], dict] | None = None,
                               step: int | None = None) -> dict[str, torch.Tensor]:
     """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
-    + tv_weight·L_tv + absent_weight·L_absent) + recon_weight·L_recon + paste_weight·L_paste
+    + tv_weight·L_tv + absent_weight·L_absent + negative_weight·L_negative) + recon_weight·L_recon + paste_weight·L_paste
     + erase_weight·erase_schedule(step)·L_erase (the last two only while training, given the mask network
     `segment`; L_erase only once its schedule has started).
 
@@ -305,6 +317,9 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     if cfg.absent_weight > 0:
         terms["L_absent"] = L_absent(M, y)
         terms["loss"] = terms["loss"] + cfg.lambda_m * cfg.absent_weight * terms["L_absent"]
+    if cfg.negative_weight > 0:
+        terms["L_negative"] = L_negative(M_fg, y)
+        terms["loss"] = terms["loss"] + cfg.lambda_m * cfg.negative_weight * terms["L_negative"]
     if cfg.paste_weight > 0 and training and segment is not None:
         terms["L_paste"] = L_paste(segment, I, y, M[:, :C] if C > 1 else M_fg, C)
         terms["loss"] = terms["loss"] + cfg.paste_weight * terms["L_paste"]
