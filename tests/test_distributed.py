@@ -425,6 +425,25 @@ def test_bf16_and_gradient_accumulation_in_one_process(work):
     assert client["samples"] == 4 * 2 * 4 and client["step"] == 4  # steps × accumulation × micro-batch
 
 
+@pytest.mark.slow
+def test_erase_schedule_follows_the_training_step(work):
+    """`objective.erase_start` / `erase_ramp` in the real loop: L_erase is not computed (not logged) before its
+    start step, then logged at every step; the loop hands the objective its step."""
+    import mlflow
+
+    work, common = work
+    log = work / "erase_schedule.log"
+    _run([sys.executable, "-m", "trainer", "train", *common, "train.run_name=erase-schedule", "train.steps=5",
+          "train.checkpoint_every=0", "train.deepspeed=zero0", "objective.erase_weight=3", "objective.erase_start=3",
+          "objective.erase_ramp=2", "mlflow.enabled=true", f"mlflow.tracking_uri=sqlite:///{work}/schedule.db",
+          f"mlflow.artifact_location={work}/schedule-artifacts"], log, work)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work}/schedule.db")
+    run = client.search_runs([client.get_experiment_by_name("wsssrec").experiment_id])[0]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [0, 1, 2, 3, 4]
+    erase = client.get_metric_history(run.info.run_id, "train/L_erase")
+    assert sorted(m.step for m in erase) == [3, 4] and all(m.value > 0 for m in erase)
+
+
 # ---------------------------------------------------------------- equivalence: 2 ranks × b vs 1 rank × 2b
 EQ_STEPS, EQ_MICRO = 5, 4
 

@@ -19,7 +19,8 @@ def test_sweep_file_names_its_experiment_and_splits_overrides():
     assert sweep.settings.num_samples == 3 and sweep.settings.search.lambda_m == [0.5, 2]
     assert sweep.experiment.train.steps == 40  # CLI beats the file's `overrides`
     assert sweep.experiment.objective.paste_weight == 1.0  # from configs/toy_birds.yaml
-    assert sweep.experiment.objective.erase_weight == 1.0 and not sweep.experiment.objective.erase_gate
+    assert sweep.experiment.objective.erase_weight == 3.0 and not sweep.experiment.objective.erase_gate
+    assert (sweep.experiment.objective.erase_start, sweep.experiment.objective.erase_ramp) == (100, 100)
     assert sweep.settings.points_to_evaluate == [{"lambda_m": 1.0, "lambda_c": 1.0, "K": 0}]
 
 
