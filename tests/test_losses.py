@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from trainer.config import ObjectiveConfig
-from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_negative, L_paste, L_preserve, L_recon,
-                            L_tv, cls_targets, deleted, erase_schedule, erased, foreground, gaussian_blur, mask_lets, objective,
-                            preserved, reconstruction)
+from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_negative, L_paste,
+                            L_preserve, L_recon, L_tv, cls_targets, deleted, erase_schedule, erased, foreground,
+                            gaussian_blur, mask_lets, objective, preserved, reconstruction)
 
 
 def _logit(p):
@@ -284,7 +284,8 @@ def test_objective_adds_L_negative_with_lambda_m():
 def test_erase_schedule_waits_then_ramps_linearly():
     cfg = ObjectiveConfig(erase_start=20, erase_ramp=4)
     assert [erase_schedule(cfg, s) for s in (0, 19, 20, 21, 22, 23, 24, 500)] == [0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
-    assert erase_schedule(ObjectiveConfig(erase_start=5), 4) == 0 and erase_schedule(ObjectiveConfig(erase_start=5), 5) == 1
+    start5 = ObjectiveConfig(erase_start=5)
+    assert erase_schedule(start5, 4) == 0 and erase_schedule(start5, 5) == 1
     assert erase_schedule(ObjectiveConfig(), 0) == 1  # defaults: on from the first step, as before the schedule
     assert erase_schedule(cfg, None) == 1  # outside a training loop
 

@@ -89,7 +89,7 @@ class ObjectiveConfig:
     area_weight: float = 8.0  # preserve_delete: weight of mean(M_fg), scaled by lambda_m
     tv_weight: float = 0.5  # preserve_delete: weight of TV(M_fg), scaled by lambda_m
     absent_weight: float = 0.0  # preserve_delete, C > 1: area of components of untagged classes, × lambda_m
-    negative_weight: float = 0.0  # preserve_delete: negative bags, BCE(M_fg, 0) on images tagged with no class, × lambda_m
+    negative_weight: float = 0.0  # preserve_delete: negative bags, BCE(M_fg, 0) on untagged images, × lambda_m
     edge_aware_tv: float = 0.0  # > 0: TV weight exp(-|∇I|·edge_aware_tv) (cuts allowed on image edges)
     recon_weight: float = 10.0
     paste_weight: float = 0.0  # preserve_delete: background-swap consistency L_paste (0 = off)

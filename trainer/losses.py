@@ -286,9 +286,9 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
                               segment: Callable[[torch.Tensor], dict] | None = None,
                               step: int | None = None) -> dict[str, torch.Tensor]:
     """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
-    + tv_weight·L_tv + absent_weight·L_absent + negative_weight·L_negative) + recon_weight·L_recon + paste_weight·L_paste
-    + erase_weight·erase_schedule(step)·L_erase (the last two only while training, given the mask network
-    `segment`; L_erase only once its schedule has started).
+    + tv_weight·L_tv + absent_weight·L_absent + negative_weight·L_negative) + recon_weight·L_recon
+    + paste_weight·L_paste + erase_weight·erase_schedule(step)·L_erase (the last two only while training, given
+    the mask network `segment`; L_erase only once its schedule has started).
 
     For C classes the classifier terms work per tagged class on the class's own component (`classifier_rows`):
     keeping only M_c must read as class c alone, removing M_c must remove class c and keep the others. L_tv is
