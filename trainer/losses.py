@@ -81,7 +81,7 @@ def L_cls(g: Classifier, M: torch.Tensor, V: torch.Tensor, y: torch.Tensor) -> t
 
 
 def paper_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
-                    training: bool = True, segment=None) -> dict[str, torch.Tensor]:
+                    training: bool = True, segment=None, step: int | None = None) -> dict[str, torch.Tensor]:
     """L = L_recon + λ_m·L_mask + λ_c·L_cls."""
     M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
     X = out["imagelets"]
@@ -278,7 +278,8 @@ def L_negative(M_fg: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     negative = y.sum(dim=1) == 0
     if not negative.any():
         return M_fg.sum() * 0.0
-    return bce(M_fg[negative], torch.zeros_like(M_fg[negative])).mean()
+    M_neg = M_fg[negative]
+    return bce(M_neg, torch.zeros_like(M_neg)).mean()
 
 
 def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier,
@@ -339,7 +340,7 @@ def L_pseudo(Z: torch.Tensor, pseudo_labels: torch.Tensor, num_classes: int) -> 
 
 
 def cam_pseudo_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g, cfg: ObjectiveConfig,
-                         training: bool = True, segment=None) -> dict[str, torch.Tensor]:
+                         training: bool = True, segment=None, step: int | None = None) -> dict[str, torch.Tensor]:
     """The classic two-stage WSSS baseline: g's CAM, gated by the image-level tags and thresholded at
     `cam_threshold`, is the pixel label the segmenter learns (no reconstruction, no classifier guidance)."""
     from .cam import cam_labels, cam_scores
@@ -358,7 +359,6 @@ OBJECTIVES = {"paper": paper_objective, "preserve_delete": preserve_delete_objec
 def objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
               training: bool = True, segment: Callable[[torch.Tensor], dict] | None = None,
               step: int | None = None) -> dict[str, torch.Tensor]:
-    """The preset's objective; `step` (the training step, for scheduled terms) reaches only preserve_delete."""
-    if cfg.preset == "preserve_delete":
-        return preserve_delete_objective(out, I, y, g, cfg, training, segment, step)
-    return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training, segment)
+    """The preset's objective. Every preset takes the training `step` (None outside a training loop); only
+    scheduled terms (preserve_delete's L_erase) read it."""
+    return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training, segment, step)

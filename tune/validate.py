@@ -55,7 +55,6 @@ def validation_metrics(cfg: Config, segmenter_path: str | Path, split: str,
         loss_sum += float(terms["loss"]) * images.shape[0]
         images_seen += images.shape[0]
         if has_masks:
-            # predicted as `wsssrec eval` and the registered model predict: flip TTA and the foreground threshold
             logits = mask_logits(model, images, cfg.eval.flip, out)
             meter.update(model.predict_labels(logits, cfg.eval.fg_threshold), batch["mask"], labels.sum(1) > 0)
     metrics = {metric_key(split, "loss"): loss_sum / max(images_seen, 1)}
