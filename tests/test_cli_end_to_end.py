@@ -61,12 +61,15 @@ def test_eval_table_has_every_method_and_split(tiny_run):
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["splits"]) == {"val", "test_aligned", "test_conflict"}
     for split in results["splits"].values():
-        assert set(split["methods"]) == {"method", "CAM", "all-background", "all-foreground"}
+        # the default config gates the method's regions with g; CAM through the same gate is a row too
+        assert set(split["methods"]) == {"method", "CAM", "CAM-gated", "all-background", "all-foreground"}
+        assert split["methods"]["CAM-gated"]["negative_fp_area"] <= split["methods"]["CAM"]["negative_fp_area"]
         assert split["methods"]["all-background"]["iou_1"] == 0.0
         assert split["methods"]["all-foreground"]["negative_fp_area"] == 1.0
         assert 0.0 <= split["g"]["accuracy"] <= 1.0
     assert "| test_conflict | CAM |" in outputs["eval"].stdout
     assert results["cam_threshold"] in [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
+    assert results["gate_threshold"] == 0.5
 
 
 @pytest.mark.slow

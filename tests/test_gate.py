@@ -1,10 +1,14 @@
 """The preserve gate (trainer/gate.py): g checks each predicted class region on its own."""
 import math
+from pathlib import Path
 
+import pytest
 import torch
 
 from trainer.config import ObjectiveConfig
 from trainer.gate import apply_gate, preserve_scores
+
+CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy_birds.yaml")
 
 
 class RedDetector(torch.nn.Module):
@@ -38,3 +42,61 @@ def test_preserve_scores_see_the_region_alone():
     assert all(math.isnan(v) for v in empty.flatten().tolist())
     gated = apply_gate(pred, scores, 0.5)
     assert gated[0].sum() == 64 and gated[1].sum() == 0
+
+
+def _red_square_and_grass(size: int):
+    """uint8 H×W×3: a red square on green grass, and grass alone."""
+    import numpy as np
+
+    grass = np.zeros((size, size, 3), dtype=np.uint8)
+    grass[..., 1] = 255
+    square = grass.copy()
+    square[size // 4:3 * size // 4, size // 4:3 * size // 4] = (255, 0, 0)
+    return square, grass
+
+
+def test_registered_predictor_gates_as_eval_does():
+    """The pyfunc predictor with the gate on predicts eval's gated label map (trainer/gate.method_labels): the
+    region on grass, which g does not recognise, drops to background; the one holding the square stays."""
+    import numpy as np
+
+    from trainer.config import load_config
+    from trainer.effnet import EfficientNetLite0
+    from trainer.gate import method_labels
+    from trainer.models import Segmenter
+    from trainer.pyfunc import SegmenterPredictor, resize_for_model
+
+    torch.manual_seed(0)
+    # fg threshold 0.01: the untrained segmenter marks (nearly) every pixel foreground, so the gate decides
+    cfg = load_config(CONFIG, ["data.image_size=64", "eval.fg_threshold=0.01",
+                                                 "eval.gate_threshold=0.5"])
+    model = Segmenter(cfg.model, 1, trunk=EfficientNetLite0(num_classes=1)).eval()
+    square, grass = _red_square_and_grass(64)
+    batch = torch.stack([resize_for_model(img, 64) for img in (square, grass)])
+    expected = method_labels(model, batch, flip=cfg.eval.flip, fg_threshold=0.01, gate_threshold=0.5,
+                             g=RedDetector(), objective=cfg.objective)
+    ungated = method_labels(model, batch, flip=cfg.eval.flip, fg_threshold=0.01)
+    assert (ungated > 0).float().mean() > 0.9  # both images predicted foreground before the gate
+    assert (expected[0] > 0).float().mean() > 0.9 and expected[1].sum() == 0
+
+    gated = SegmenterPredictor(model, cfg, ["bird"], g=RedDetector(), gate_threshold=0.5)
+    rows = gated.segment([square, grass], probabilities=True)
+    for row, want in zip(rows, expected):
+        assert np.array_equal(row["mask"], want.numpy())
+    assert np.allclose(rows[1]["probabilities"][0], 1.0) and np.all(rows[1]["probabilities"][1] == 0)
+    # at another size the gate still drops the grass region (scored at the model's size)
+    assert SegmenterPredictor(model, cfg, ["bird"], g=RedDetector(), gate_threshold=0.5).segment(
+        [np.ascontiguousarray(grass[:48])])[0]["mask"].sum() == 0
+    # without the gate the same predictor keeps both regions
+    plain = SegmenterPredictor(model, cfg, ["bird"]).segment([square, grass])
+    assert all((row["mask"] > 0).mean() > 0.9 for row in plain)
+    with pytest.raises(ValueError, match="needs the frozen classifier g"):
+        SegmenterPredictor(model, cfg, ["bird"], gate_threshold=0.5)
+
+
+def test_gate_threshold_outside_0_1_is_rejected():
+    from trainer.config import ConfigError, load_config
+
+    for bad in ("eval.gate_threshold=1.0", "eval.gate_threshold=-0.1", "eval.fg_threshold=1.5"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(CONFIG, [bad])

@@ -276,6 +276,10 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.classifier, key.split(".")[1])
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key {key!r} is a probability in [0, 1], got {value}")
+    for key, value in {"eval.fg_threshold": cfg.eval.fg_threshold,
+                       "eval.gate_threshold": cfg.eval.gate_threshold}.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"config key {key!r} is a probability threshold in [0, 1), got {value}")
     if cfg.model.K < 0:
         raise ConfigError(f"config key 'model.K' must be 0 (= C + 1) or at least C + 1, got {cfg.model.K}")
 

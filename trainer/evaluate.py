@@ -15,7 +15,7 @@ from .cam import cam_labels, cam_scores
 from .classifier import classifier_accuracy
 from .config import Config, ConfigError
 from .data import dataset_classes, eval_batches, split_has_masks
-from .gate import apply_gate, preserve_scores
+from .gate import apply_gate, method_labels, preserve_scores
 from .losses import mask_lets, reconstruction
 from .metrics import SegmentationMeter
 from .models import mask_logits
@@ -138,7 +138,8 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
         class_thresholds, class_curves = choose_cam_thresholds_per_class(g, cfg, C)
         results["cam_thresholds"] = dict(zip(classes, class_thresholds))
         results["cam_threshold_curves"] = dict(zip(classes, class_curves))
-    methods = (["method"] if model is not None else []) + ["CAM", *TRIVIAL]
+    cam_gate = model is not None and gate_threshold > 0  # CAM through the same gate, so the comparison is fair
+    methods = (["method"] if model is not None else []) + ["CAM"] + (["CAM-gated"] if cam_gate else []) + [*TRIVIAL]
     for split in cfg.eval.splits:
         meters = {m: SegmentationMeter(num_labels) for m in methods}
         group_meters: dict[str, dict[str, SegmentationMeter]] = {m: {} for m in methods}  # by sample bias group
@@ -151,15 +152,16 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
             scores = cam_scores(g, images)
             preds = {"CAM": cam_labels(scores, threshold) if class_thresholds is None
                      else cam_labels_per_class(scores, class_thresholds)}
+            if cam_gate:
+                preds["CAM-gated"] = apply_gate(preds["CAM"], preserve_scores(g, images, preds["CAM"], C, cfg.objective),
+                                               gate_threshold)
             for name in TRIVIAL:
                 preds[name] = trivial_labels(name, labels, size)
             if model is not None:
                 net_out = model(images)
-                preds["method"] = model.predict_labels(mask_logits(model, images, cfg.eval.flip, net_out),
-                                                       fg_threshold)
-                if gate_threshold > 0:
-                    gate_scores = preserve_scores(g, images, preds["method"], C, cfg.objective)
-                    preds["method"] = apply_gate(preds["method"], gate_scores, gate_threshold)
+                preds["method"] = method_labels(model, images, flip=cfg.eval.flip, fg_threshold=fg_threshold,
+                                                gate_threshold=gate_threshold, g=g, objective=cfg.objective,
+                                                net_out=net_out)
                 fg_area = (preds["method"] > 0).float().mean(dim=(1, 2))
                 areas["positive"] += fg_area[positive].tolist()
                 areas["negative"] += fg_area[~positive].tolist()

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from PIL import Image
 from data_shards.manifest import DataError
 
 from .config import Config, config_from_dict
-from .models import mask_logits
+from .gate import apply_gate, preserve_scores
+from .models import FrozenClassifier, mask_logits
 
 FLAVOR_NAME = "wsssrec"
 DATA_DIR = "data"  # the pyfunc `data` folder: weights + wsssrec.json
@@ -116,25 +117,51 @@ class _Predictor:
 
 @dataclass
 class SegmenterPredictor(_Predictor):
+    """The segmenter, and the frozen g with the preserve gate's threshold when the gate is on."""
+    g: torch.nn.Module | None = None
+    gate_threshold: float = 0.0
     kind: str = "segmenter"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gate_threshold > 0 and self.g is None:
+            raise ValueError(f"the preserve gate (threshold {self.gate_threshold}) needs the frozen classifier g; "
+                             "none was given")
+        if self.g is not None:
+            self.g.eval()
 
     @torch.no_grad()
     def segment(self, images: list[np.ndarray], probabilities: bool = False,
                 batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
         """Per image {"mask": H×W uint8 labels} (and "probabilities": (C+1)×H×W, label 0 = background) at
-        the image's own size: resized to the model's size, logits resized back bilinearly, then argmax."""
+        the image's own size, predicted as `wsssrec eval` predicts (flip, `eval.fg_threshold`): resized to the
+        model's size, logits resized back bilinearly, then labelled. With the preserve gate on, g scores each
+        class region at the model's size; a dropped class's pixels become background, and its probability
+        moves to the background's."""
         C = len(self.classes)
+        fg_threshold = self.cfg.eval.fg_threshold
         out = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             batch = torch.stack([resize_for_model(img, self.image_size) for img in chunk])
-            logits = mask_logits(self.model, batch, self.cfg.eval.flip)  # as `wsssrec eval` predicts
+            logits = mask_logits(self.model, batch, self.cfg.eval.flip)
+            scores = torch.full((len(chunk), C), float("nan"))  # NaN: no region to gate
+            if self.gate_threshold > 0:
+                scores = preserve_scores(self.g, batch, self.model.predict_labels(logits, fg_threshold), C,
+                                         self.cfg.objective)
+            dropped = scores < self.gate_threshold  # NaN compares False
             for i, img in enumerate(chunk):
                 full = F.interpolate(logits[i:i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
-                row = {"mask": self.model.predict_labels(full)[0].numpy().astype(np.uint8)}
+                labels = apply_gate(self.model.predict_labels(full, fg_threshold), scores[i:i + 1],
+                                    self.gate_threshold)
+                row = {"mask": labels[0].numpy().astype(np.uint8)}
                 if probabilities:
                     comp = torch.softmax(full[0], dim=0)  # K components: the first C are the classes
-                    row["probabilities"] = torch.cat([comp[C:].sum(0, keepdim=True), comp[:C]]).numpy()
+                    probs = torch.cat([comp[C:].sum(0, keepdim=True), comp[:C]])
+                    for c in dropped[i].nonzero().flatten().tolist():
+                        probs[0] += probs[c + 1]
+                        probs[c + 1] = 0
+                    row["probabilities"] = probs.numpy()
                 out.append(row)
         return out
 
@@ -161,12 +188,18 @@ def load_data_dir(data_dir: str | Path) -> SegmenterPredictor | ClassifierPredic
         raise FileNotFoundError(f"{data_dir} is not the data folder of a wsssrec model (no {META_FILE})")
     meta = json.loads(meta_path.read_text())
     weights = data_dir / meta["weights"]
+    from .classifier import load_classifier
+
     if meta["kind"] == "segmenter":
         from .train import load_segmenter
 
         model, cfg, classes = load_segmenter(weights)
-        return SegmenterPredictor(model, cfg, classes)
-    from .classifier import load_classifier
+        cfg = replace(cfg, eval=config_from_dict(meta["config"], strict=False).eval)  # as registered and scored
+        gate = meta.get("gate")
+        if not gate:
+            return SegmenterPredictor(model, cfg, classes)
+        g = FrozenClassifier(load_classifier(data_dir / gate["weights"], len(classes)))
+        return SegmenterPredictor(model, cfg, classes, g=g, gate_threshold=float(gate["threshold"]))
 
     cfg = config_from_dict(meta["config"], strict=False)
     return ClassifierPredictor(load_classifier(weights, len(meta["classes"])), cfg, list(meta["classes"]))
@@ -240,9 +273,12 @@ def _requirements() -> list[str]:
 
 
 def save_model(path: str, mlflow_model=None, *, kind: str, weights: str | Path, cfg: Config,
-               classes: list[str], extra_files: dict[str, str | Path] | None = None, **_: Any) -> None:
+               classes: list[str], extra_files: dict[str, str | Path] | None = None,
+               gate_weights: str | Path | None = None, **_: Any) -> None:
     """Write a wsssrec model folder: data/<weights> + data/wsssrec.json, extra files (config.yaml,
-    manifest.json, metrics.json ...) at the top, MLmodel with both flavours and the signature."""
+    manifest.json, metrics.json ...) at the top, MLmodel with both flavours and the signature. A segmenter
+    whose config turns the preserve gate on (`eval.gate_threshold` > 0) also carries g (`gate_weights`, its
+    classifier.pt) as data/classifier.pt, so that the model predicts as `wsssrec eval` scored it."""
     import mlflow
     import yaml
     from mlflow.models import Model
@@ -250,11 +286,19 @@ def save_model(path: str, mlflow_model=None, *, kind: str, weights: str | Path, 
 
     if kind not in WEIGHTS_FILE:
         raise ValueError(f"model kind {kind!r}; expected one of {', '.join(WEIGHTS_FILE)}")
+    gate = kind == "segmenter" and cfg.eval.gate_threshold > 0
+    if gate and (gate_weights is None or not Path(gate_weights).is_file()):
+        raise FileNotFoundError(f"the segmenter's config sets eval.gate_threshold = {cfg.eval.gate_threshold} "
+                                f"(the preserve gate), so its model must carry g; g's checkpoint {gate_weights} "
+                                "does not exist (set classifier.checkpoint=PATH, or eval.gate_threshold=0)")
     root = Path(path)
     (root / DATA_DIR).mkdir(parents=True, exist_ok=False)
     shutil.copyfile(weights, root / DATA_DIR / WEIGHTS_FILE[kind])
     meta = {"kind": kind, "weights": WEIGHTS_FILE[kind], "classes": list(classes),
             "image_size": cfg.data.image_size, "config": cfg.to_dict()}
+    if gate:
+        shutil.copyfile(gate_weights, root / DATA_DIR / WEIGHTS_FILE["classifier"])
+        meta["gate"] = {"weights": WEIGHTS_FILE["classifier"], "threshold": cfg.eval.gate_threshold}
     (root / DATA_DIR / META_FILE).write_text(json.dumps(meta, indent=2))
     (root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for name, source in (extra_files or {}).items():
@@ -275,7 +319,7 @@ def save_model(path: str, mlflow_model=None, *, kind: str, weights: str | Path, 
 
 def log_model(client, *, kind: str, weights: str | Path, cfg: Config, classes: list[str], experiment_id: str,
               run_id: str | None, registered_model_name: str, tags: dict[str, str] | None = None,
-              extra_files: dict[str, str | Path] | None = None):
+              extra_files: dict[str, str | Path] | None = None, gate_weights: str | Path | None = None):
     """Log a wsssrec model (MLflow 3: a LoggedModel at models:/m-<id>, an output of `run_id`, with the run's
     params) and register it as a new version of `registered_model_name`. Only `client` (no module-level MLflow
     state) is used, so nothing leaks into this process's environment. Returns the ModelVersion."""
@@ -294,7 +338,7 @@ def log_model(client, *, kind: str, weights: str | Path, cfg: Config, classes: l
             mlflow_model = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
                                  model_id=logged.model_id)
             save_model(str(folder), mlflow_model, kind=kind, weights=weights, cfg=cfg, classes=classes,
-                       extra_files=extra_files)
+                       extra_files=extra_files, gate_weights=gate_weights)
             client.log_model_artifacts(logged.model_id, str(folder))
     except BaseException:
         client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)

@@ -152,7 +152,12 @@ def load_predictor(uri: str, cache_dir: str | Path | None = None):
             from .train import load_segmenter
 
             model, cfg, classes = load_segmenter(path)
-            return SegmenterPredictor(model, cfg, classes)
+            if cfg.eval.gate_threshold <= 0:
+                return SegmenterPredictor(model, cfg, classes)
+            from .train import load_frozen_g  # the gate's g: the checkpoint config's classifier.checkpoint
+
+            _, g = load_frozen_g(cfg, len(classes))
+            return SegmenterPredictor(model, cfg, classes, g=g, gate_threshold=cfg.eval.gate_threshold)
         raise FileNotFoundError(f"model {uri} is neither a models:/ or runs:/ URI nor an existing checkpoint "
                                 "or model folder")
     if cache_dir:
@@ -283,9 +288,14 @@ def register(cfg: Config, kind: str, weights: str | Path, classes: list[str], ru
         manifest = tags.get("data.manifest_url", "")
         if manifest and "://" not in manifest and Path(manifest).is_file():
             files["manifest.json"] = manifest
+        gate_weights = None
+        if kind == "segmenter" and cfg.eval.gate_threshold > 0:  # the model predicts through g's preserve gate
+            from .classifier import classifier_path
+
+            gate_weights = classifier_path(cfg)
         version = str(log_model(client, kind=kind, weights=weights, cfg=cfg, classes=classes,
                                 experiment_id=experiment_id, run_id=run_id, registered_model_name=name, tags=tags,
-                                extra_files=files).version)
+                                extra_files=files, gate_weights=gate_weights).version)
     for key, value in {**tags, **{f"{METRIC_TAG_PREFIX}{k}": f"{v:.6g}" for k, v in metrics.items()}}.items():
         client.set_model_version_tag(name, version, key, value)
     source = f"run {run_id}" if run_id else f"checkpoint {weights}"
@@ -321,6 +331,7 @@ def register_file(weights: str | Path, alias: str | None = None, uri: str | None
     cfg = config_from_dict(blob["config"], strict=False)
     cfg.mlflow.tracking_uri = uri or tracking_uri()
     g_path = Path(classifier or cfg.classifier.checkpoint)
+    cfg.classifier.checkpoint = str(g_path)  # g's lineage, and the preserve gate's g when the gate is on
     g_lineage = ensure_classifier_registered(cfg, g_path) if g_path.is_file() else {}
     return register(cfg, "segmenter", weights, list(blob["classes"]), None, g_lineage=g_lineage, alias=alias)
 

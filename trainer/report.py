@@ -44,8 +44,9 @@ def _metric(run: dict, split: str, method: str, key: str) -> float | None:
 
 def table(runs: dict[str, dict[int, dict]], splits=("test_aligned", "test_conflict"),
           order: list[str] | None = None, baselines_from: str | None = None) -> str:
-    """Markdown: one row per setting (method row), plus CAM and trivial rows taken from `baselines_from`
-    (default: the first setting), all as mean ± std over the seeds present."""
+    """Markdown: one row per setting (method row), plus CAM (and CAM through the preserve gate, where those
+    runs used it) and trivial rows taken from `baselines_from` (default: the first setting), all as mean ± std
+    over the seeds present."""
     names = [n for n in (order or sorted(runs)) if n in runs]
     head = ["setting", "seeds", "train s"]
     for split in splits:
@@ -67,8 +68,8 @@ def table(runs: dict[str, dict[int, dict]], splits=("test_aligned", "test_confli
         return "| " + " | ".join(cells) + " |"
 
     base = runs[baselines_from] if baselines_from in runs else (runs[names[0]] if names else {})
-    for method in ("all-background", "all-foreground", "CAM"):
-        if base:
+    for method in ("all-background", "all-foreground", "CAM", "CAM-gated"):  # CAM-gated: runs with the gate on
+        if any(_metric(r, splits[-1], method, "miou") is not None for r in base.values()):
             lines.append(row(method, base, method, seconds=False))
     for name in names:
         lines.append(row(name, runs[name], "method"))

@@ -13,7 +13,7 @@ from trainer.config import Config, ObjectiveConfig
 from trainer.data import dataset_classes, eval_batches, split_has_masks
 from trainer.losses import objective
 from trainer.metrics import SegmentationMeter
-from trainer.models import mask_logits
+from trainer.gate import method_labels
 from trainer.train import load_frozen_g, load_segmenter
 
 
@@ -38,8 +38,8 @@ def resolve_metric(cfg: Config, split: str, kind: str) -> tuple[str, str]:
 @torch.no_grad()
 def validation_metrics(cfg: Config, segmenter_path: str | Path, split: str,
                        reference: ObjectiveConfig) -> dict[str, float]:
-    """mIoU and per-label IoU (when `split` has masks; predicted with `eval.flip` and `eval.fg_threshold`,
-    as `wsssrec eval` predicts) and the mean loss under `reference` weights."""
+    """mIoU and per-label IoU (when `split` has masks; predicted with `eval.flip`, `eval.fg_threshold` and the
+    preserve gate at `eval.gate_threshold`, as `wsssrec eval` predicts) and the mean loss under `reference` weights."""
     classes = dataset_classes(cfg)
     g_net, g = load_frozen_g(cfg, len(classes))
     model, _, _ = load_segmenter(segmenter_path, g_net)
@@ -55,8 +55,9 @@ def validation_metrics(cfg: Config, segmenter_path: str | Path, split: str,
         loss_sum += float(terms["loss"]) * images.shape[0]
         images_seen += images.shape[0]
         if has_masks:
-            logits = mask_logits(model, images, cfg.eval.flip, out)
-            meter.update(model.predict_labels(logits, cfg.eval.fg_threshold), batch["mask"], labels.sum(1) > 0)
+            pred = method_labels(model, images, flip=cfg.eval.flip, fg_threshold=cfg.eval.fg_threshold,
+                                 gate_threshold=cfg.eval.gate_threshold, g=g, objective=cfg.objective, net_out=out)
+            meter.update(pred, batch["mask"], labels.sum(1) > 0)
     metrics = {metric_key(split, "loss"): loss_sum / max(images_seen, 1)}
     if has_masks:
         metrics.update({f"{split}/method/{k}": v for k, v in meter.summary().items()})
