@@ -219,6 +219,10 @@ def test_registered_versions_carry_lineage_metrics_and_signature(server, pipelin
     assert "test_conflict/method/miou" in json.loads((folder / "metrics.json").read_text())
     assert (folder / "manifest.json").read_bytes() == Path(toy_dataset).read_bytes()
     assert "steps: 30" in (folder / "config.yaml").read_text()
+    # the default config gates with g (eval.gate_threshold): the model carries that g, to predict as eval scored
+    meta = json.loads((folder / "data" / "wsssrec.json").read_text())
+    assert meta["gate"] == {"weights": "classifier.pt", "threshold": 0.5}
+    assert (folder / "data" / "classifier.pt").read_bytes() == (run / "classifier.pt").read_bytes()
     assert f"--model models:/{SEG}@champion" in proc.stdout and f"MLFLOW_TRACKING_URI={server.url}" in proc.stdout
 
 
