@@ -444,3 +444,27 @@ def test_local_sqlite_store_elsewhere_than_cwd_registers(toy_dataset, tmp_path, 
     assert pulled and hashlib.sha256(pulled[0].read_bytes()).digest() == hashlib.sha256(weights.read_bytes()).digest()
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_metric_names_mlflow_refuses_are_renamed_not_lost(toy_dataset, tmp_path):
+    """A metric name with characters MLflow refuses (e.g. from a class name of a user's data set) would make
+    the store reject its whole batch, and hold back every metric after it; the tracker renames it instead."""
+    import mlflow
+
+    from trainer.config import load_config
+    from trainer.tracking import Tracker, mlflow_name
+
+    assert mlflow_name("val/CAM+gate/iou_traffic(light)") == "val/CAM_gate/iou_traffic_light_"
+    assert mlflow_name("/a/../b") == "a/._/b" and mlflow_name("val/method/miou") == "val/method/miou"
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(None, [f"data.url={toy_dataset}", f"train.out_dir={tmp_path}/runs",
+                             f"mlflow.tracking_uri={store}", f"mlflow.artifact_location={tmp_path}/art"])
+    tracker = Tracker(cfg, "names")
+    tracker.log_metrics({"val/CAM+gate/miou": 0.25, "val/method/miou": 0.5}, 0)
+    tracker.log_metrics({"after": 1.0}, 1)
+    tracker.set_tags({"group+1": "x"})
+    tracker.finish()
+    run = mlflow.MlflowClient(tracking_uri=store).get_run(tracker.run_id)
+    assert run.data.metrics == {"val/CAM_gate/miou": 0.25, "val/method/miou": 0.5, "after": 1.0}
+    assert run.data.tags["group_1"] == "x" and run.info.status == "FINISHED"
+    assert not tracker.pending_path.exists()  # nothing was left unsent

@@ -15,6 +15,7 @@ import json
 import logging
 import contextlib
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -135,6 +136,33 @@ def read_run_record(cfg: Config, run_name: str) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+# the names MLflow's stores accept for metrics and tags; the server rejects a whole batch holding any other name,
+# and the sender would retry that batch, and so hold back everything queued after it, until it gives up
+INVALID_NAME_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def mlflow_name(name: str) -> str:
+    """`name` as MLflow accepts it: every character outside letters, digits, '_', '-', '.', ' ', ':' and '/'
+    (e.g. of a class name from a user's data set) becomes '_'; no leading '/', no '..'."""
+    clean = INVALID_NAME_CHARS.sub("_", name).lstrip("/")
+    while ".." in clean:
+        clean = clean.replace("..", "._")
+    return clean or "_"
+
+
+_RENAMED_WARNED: set[str] = set()
+
+
+def _mlflow_names(items: dict[str, Any], kind: str) -> dict[str, Any]:
+    renamed = {k: mlflow_name(k) for k in items if mlflow_name(k) != k}
+    new = {k: v for k, v in renamed.items() if k not in _RENAMED_WARNED}
+    if new:  # once per name, not at every step
+        _RENAMED_WARNED.update(new)
+        log.warning("MLflow %s names renamed to what MLflow accepts: %s", kind,
+                    ", ".join(f"{k!r} → {v!r}" for k, v in new.items()))
+    return {renamed.get(k, k): v for k, v in items.items()}
+
+
 class Tracker:
     def __init__(self, cfg: Config, run_name: str, active: bool = True, parent_run_id: str | None = None):
         self.active = active and cfg.mlflow.enabled and process_rank() == 0
@@ -187,12 +215,14 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active:
             return
+        metrics = _mlflow_names(metrics, "metric")
         now = int(time.time() * 1000)
         batch = [self.entities.Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self._put(("batch", batch, []))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.active:
+            tags = _mlflow_names(tags, "tag")
             self._put(("batch", [], [self.entities.RunTag(k, str(v)) for k, v in tags.items()]))
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
