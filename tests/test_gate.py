@@ -68,8 +68,7 @@ def test_registered_predictor_gates_as_eval_does():
 
     torch.manual_seed(0)
     # fg threshold 0.01: the untrained segmenter marks (nearly) every pixel foreground, so the gate decides
-    cfg = load_config(CONFIG, ["data.image_size=64", "eval.fg_threshold=0.01",
-                                                 "eval.gate_threshold=0.5"])
+    cfg = load_config(CONFIG, ["data.image_size=64", "eval.fg_threshold=0.01", "eval.gate_threshold=0.5"])
     model = Segmenter(cfg.model, 1, trunk=EfficientNetLite0(num_classes=1)).eval()
     square, grass = _red_square_and_grass(64)
     batch = torch.stack([resize_for_model(img, 64) for img in (square, grass)])

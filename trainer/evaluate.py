@@ -153,8 +153,8 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
             preds = {"CAM": cam_labels(scores, threshold) if class_thresholds is None
                      else cam_labels_per_class(scores, class_thresholds)}
             if cam_gate:
-                preds["CAM-gated"] = apply_gate(preds["CAM"], preserve_scores(g, images, preds["CAM"], C, cfg.objective),
-                                               gate_threshold)
+                cam_gate_scores = preserve_scores(g, images, preds["CAM"], C, cfg.objective)
+                preds["CAM-gated"] = apply_gate(preds["CAM"], cam_gate_scores, gate_threshold)
             for name in TRIVIAL:
                 preds[name] = trivial_labels(name, labels, size)
             if model is not None:

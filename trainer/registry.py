@@ -288,11 +288,9 @@ def register(cfg: Config, kind: str, weights: str | Path, classes: list[str], ru
         manifest = tags.get("data.manifest_url", "")
         if manifest and "://" not in manifest and Path(manifest).is_file():
             files["manifest.json"] = manifest
-        gate_weights = None
-        if kind == "segmenter" and cfg.eval.gate_threshold > 0:  # the model predicts through g's preserve gate
-            from .classifier import classifier_path
+        from .classifier import classifier_path
 
-            gate_weights = classifier_path(cfg)
+        gate_weights = classifier_path(cfg) if kind == "segmenter" else None  # carried when the gate is on
         version = str(log_model(client, kind=kind, weights=weights, cfg=cfg, classes=classes,
                                 experiment_id=experiment_id, run_id=run_id, registered_model_name=name, tags=tags,
                                 extra_files=files, gate_weights=gate_weights).version)

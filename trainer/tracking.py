@@ -154,7 +154,7 @@ _RENAMED_WARNED: set[str] = set()
 
 
 def _mlflow_names(items: dict[str, Any], kind: str) -> dict[str, Any]:
-    renamed = {k: mlflow_name(k) for k in items if mlflow_name(k) != k}
+    renamed = {k: clean for k in items if (clean := mlflow_name(k)) != k}
     new = {k: v for k, v in renamed.items() if k not in _RENAMED_WARNED}
     if new:  # once per name, not at every step
         _RENAMED_WARNED.update(new)

@@ -11,9 +11,9 @@ import torch
 
 from trainer.config import Config, ObjectiveConfig
 from trainer.data import dataset_classes, eval_batches, split_has_masks
+from trainer.gate import method_labels
 from trainer.losses import objective
 from trainer.metrics import SegmentationMeter
-from trainer.gate import method_labels
 from trainer.train import load_frozen_g, load_segmenter
 
 
