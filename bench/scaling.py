@@ -51,7 +51,7 @@ def _frozen_g():
 
 def _variant(mode: str, cfg, g_net, device: torch.device):
     """A fresh segmenter (same initial weights for every mode) wrapped as `mode`; returns (forward, step)."""
-    from trainer.runtime import deepspeed_config, make_engine
+    from trainer.engine import deepspeed_config, make_engine
     from trainer.train import build_segmenter
 
     torch.manual_seed(1)
@@ -97,7 +97,7 @@ def throughput_worker(args) -> dict:
     """images/s (all ranks together) of each mode, per round."""
     import torch.distributed as dist
 
-    from trainer.runtime import init_distributed
+    from trainer.distributed import init_distributed
 
     rank, world = init_distributed(3600)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
@@ -188,7 +188,7 @@ def _reachable_tensors(root, limit: int = 8):
 def memory_worker(args) -> dict:
     """Peak model-state bytes of this rank for each ZeRO stage on the reference model (2 steps, the
     peak of the measurements right after backward and right after the optimizer step)."""
-    from trainer.runtime import init_distributed
+    from trainer.distributed import init_distributed
 
     rank, world = init_distributed(3600)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")

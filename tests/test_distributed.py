@@ -338,7 +338,7 @@ def test_other_world_size_fails_clearly_then_converts(work, zero2_run):
 # ---------------------------------------------------------------- options and checkpoint visibility (no launcher)
 def test_deepspeed_config_options():
     from trainer.config import load_config
-    from trainer.runtime import deepspeed_config, zero_stage
+    from trainer.engine import deepspeed_config, zero_stage
 
     cfg = load_config(None, ["train.deepspeed=zero3", "train.grad_accum=4", "train.bf16=true"])
     ds = deepspeed_config(cfg, micro_batch=6)
@@ -353,7 +353,7 @@ def test_deepspeed_config_options():
 
 def test_deepspeed_half_precision_weights_are_refused(tmp_path):
     from trainer.config import ConfigError, load_config
-    from trainer.runtime import deepspeed_config
+    from trainer.engine import deepspeed_config
 
     path = tmp_path / "bf16.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
@@ -452,6 +452,7 @@ def fixed_batches(manifest: str, rank: int, world: int, micro: int, steps: int):
     """The first training images in shard order; global batch i is images [i·G, (i+1)·G) with G = micro × world,
     and rank r takes its r-th slice: the union over ranks is the same for any world size."""
     import numpy as np
+
     from data_shards.loader import decode_sample, raw_samples
     from data_shards.manifest import read_manifest
 
@@ -471,7 +472,7 @@ def equivalence_worker(params: dict) -> None:
     import torch.distributed as dist
 
     from trainer.config import load_config
-    from trainer.runtime import init_distributed
+    from trainer.distributed import init_distributed
     from trainer.train import train_segmenter
 
     rank, world = init_distributed()

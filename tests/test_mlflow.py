@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from s3_server import BUCKET, _free_port, s3_server  # noqa: F401  (the fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -382,7 +381,7 @@ def test_server_killed_mid_run_loses_no_metric(server, pipeline, toy_dataset, tm
     assert version.tags["classifier.model_uri"] == f"models:/{CLS}/1"
     assert version.tags["classifier.model_uri_requested"] == f"models:/{CLS}@champion"
     # the run that ended while the server was down
-    pending = tmp_path / "runs" / "default" / "mlflow" / "offline.pending.json"
+    pending = tmp_path / "runs" / "run" / "mlflow" / "offline.pending.json"
     assert json.loads(pending.read_text())["status"] == "FINISHED"
     proc = wsssrec("sync-metrics", str(pending), cwd=tmp_path)
     assert "sent 2 metrics" in proc.stdout and not pending.exists()

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .runtime import LoopState, atomic_write_bytes, rng_state, seed_everything, set_rng_state, write_json
+from .distributed import rng_state, seed_everything, set_rng_state
+from .files import atomic_write_bytes, write_json
+from .loop import LoopState
 
 COMPLETE = "complete.json"
 _TAG = re.compile(r"^step(\d{7,})$")

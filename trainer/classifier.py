@@ -14,10 +14,11 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpointer
 from .config import ClassifierConfig, Config
-from .data import dataset_classes, eval_batches
+from .data import dataset_classes, epoch_batches, eval_batches, resumable_batches
 from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
-from .runtime import (LoopState, StepMeter, atomic_torch_save, deepspeed_config, epoch_batches, make_engine,
-                      resumable_batches, run_dir, start_stage, write_json, zero_stage)
+from .engine import deepspeed_config, make_engine, zero_stage
+from .files import atomic_torch_save, run_dir, write_json
+from .loop import LoopState, StepMeter, start_stage
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)

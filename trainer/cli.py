@@ -75,8 +75,8 @@ def cmd_eval(args) -> None:
     resolve_classifier(cfg)
     segmenter = args.segmenter
     if segmenter and is_model_uri(segmenter):
+        from .files import run_dir
         from .registry import download
-        from .runtime import run_dir
         from .tracking import tracking_uri
 
         _, local = download(segmenter, run_dir(cfg) / "registry" / "eval-segmenter", tracking_uri(cfg))

@@ -114,7 +114,7 @@ class TrainConfig:
     resume: str = "auto"  # "auto" (newest complete checkpoint of this run, if any) | "never" | a checkpoint folder
     deepspeed: str = "configs/deepspeed/zero0.json"  # a DeepSpeed JSON, or zero0 | zero1 | zero2 | zero3
     bf16: bool = False  # bf16 autocast (DeepSpeed torch_autocast): bf16 compute, fp32 weights and Adam state
-    zero3_shared_master: bool = True  # ZeRO-3: no second fp32 copy of the weights (runtime.share_zero3_master)
+    zero3_shared_master: bool = True  # ZeRO-3: no second fp32 copy of the weights (engine.share_zero3_master)
     grad_accum: int = 0  # micro-batches per optimizer step; 0 = the DeepSpeed JSON's gradient_accumulation_steps
     dist_timeout_s: int = 1800  # a collective waiting longer than this (a dead peer) ends the process
     out_dir: str = "runs"

@@ -15,13 +15,14 @@ from .cam import cam_labels, cam_scores
 from .classifier import classifier_accuracy
 from .config import Config, ConfigError
 from .data import dataset_classes, eval_batches, split_has_masks
+from .distributed import init_distributed, set_threads
+from .files import run_dir, write_json
 from .gate import apply_gate, method_labels, preserve_scores
 from .losses import mask_lets, reconstruction
 from .metrics import SegmentationMeter
 from .models import mask_logits
-from .multiclass import (PerClassThresholdSearch, bias_groups, cam_labels_per_class, class_report,
-                         per_class_table, save_confusion_png)
-from .runtime import init_distributed, run_dir, set_threads, write_json
+from .multiclass import (PerClassThresholdSearch, bias_groups, cam_labels_per_class, class_report, per_class_table,
+                         save_confusion_png)
 from .tracking import Tracker
 from .train import load_frozen_g, load_segmenter, segmenter_checkpoint
 from .viz import grid_row, save_grid

@@ -171,7 +171,7 @@ def load_predictor(uri: str, cache_dir: str | Path | None = None):
 # ---- registering ----
 
 def lineage_tags(cfg: Config, kind: str, weights: Path, g_lineage: dict[str, str] | None = None) -> dict[str, str]:
-    from .runtime import git_revision
+    from .files import git_revision
 
     tags = {"wsssrec.kind": kind, "weights_sha256": file_sha256(weights), "image_size": str(cfg.data.image_size),
             **manifest_fingerprint(cfg.data.url), **git_revision()}
@@ -208,7 +208,7 @@ def resolve_classifier(cfg: Config) -> dict[str, str]:
     """`classifier.checkpoint=models:/NAME@ALIAS` (or /VERSION, runs:/...): download g's weights into the run
     folder and point the config at them; returns g's lineage tags (URI asked for, version, hash). A local
     path is left as it is (empty lineage: `classifier_lineage` finds it in the registry by hash later)."""
-    from .runtime import run_dir
+    from .files import run_dir
 
     uri = cfg.classifier.checkpoint
     if not is_model_uri(uri):
@@ -233,7 +233,7 @@ def resolve_init_from(cfg: Config) -> dict[str, str]:
     folder and point the config at its segmenter.pt; a local path must exist. Returns the lineage the run and
     the registered model record: the URI asked for, the resolved version and its run, the weights' hash."""
     from .config import ConfigError
-    from .runtime import run_dir
+    from .files import run_dir
 
     uri = cfg.model.init_from
     if not uri:
@@ -461,7 +461,7 @@ def export_sample_images(cfg: Config, out: Path, count: int = 8) -> Path:
 
 def predict_hint(cfg: Config, version) -> str:
     """The command that segments images with the segmenter the demo just registered."""
-    from .runtime import run_dir
+    from .files import run_dir
 
     samples = export_sample_images(cfg, run_dir(cfg) / "sample_images")
     uri = tracking_uri(cfg)

@@ -10,10 +10,10 @@ that `wsssrec sync-metrics FILE` replays, so nothing is lost."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import logging
-import contextlib
 import os
 import re
 import threading
@@ -126,7 +126,7 @@ def experiment_id_for(client, cfg: Config, uri: str) -> str:
 
 def run_record_path(cfg: Config, run_name: str) -> Path:
     """Where a tracker leaves its run id, so the command that started a stage can find the stage's run."""
-    from .runtime import run_dir
+    from .files import run_dir
 
     return run_dir(cfg) / "mlflow" / f"{run_name}.json"
 
@@ -172,7 +172,7 @@ class Tracker:
             return
         import mlflow
 
-        from .runtime import git_revision
+        from .files import git_revision
 
         self.entities = mlflow.entities
         self.uri = tracking_uri(cfg)
@@ -364,7 +364,7 @@ def sync_pending(path: str | Path) -> dict[str, int]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from .runtime import write_json
+    from .files import write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, data)

@@ -13,11 +13,12 @@ from tqdm import tqdm
 from .checkpoint import Checkpointer
 from .classifier import classifier_path, load_classifier
 from .config import Config, ConfigError
-from .data import dataset_classes
+from .data import dataset_classes, resumable_batches
+from .engine import deepspeed_config, make_engine, zero_stage
+from .files import atomic_torch_save, run_dir, write_json
+from .loop import StepMeter, start_stage
 from .losses import objective
 from .models import FrozenClassifier, Segmenter, count_parameters
-from .runtime import (StepMeter, atomic_torch_save, deepspeed_config, make_engine, resumable_batches,
-                      run_dir, start_stage, write_json, zero_stage)
 from .tracking import Tracker
 
 

@@ -123,7 +123,7 @@ class SweepRecorder(Callback):
         self._save()
 
     def _save(self) -> None:
-        from trainer.runtime import write_json
+        from trainer.files import write_json
 
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.state_path, self.trials)

@@ -38,7 +38,7 @@ def _absolute(value: str) -> str:
 
 def resolve_paths(cfg) -> None:
     """Trials run in Ray worker processes with other working directories: make every local path absolute."""
-    from trainer.runtime import deepspeed_config_path
+    from trainer.engine import deepspeed_config_path
 
     cfg.data.url = _absolute(cfg.data.url)
     cfg.train.out_dir = _absolute(cfg.train.out_dir)
@@ -107,7 +107,7 @@ def open_parent_run(cfg, settings: SweepConfig, lineage: dict[str, str], previou
     import mlflow
 
     from trainer.config import flatten
-    from trainer.runtime import git_revision
+    from trainer.files import git_revision
     from trainer.tracking import connect, experiment_id_for, manifest_fingerprint, tracking_uri
 
     uri = tracking_uri(cfg)
@@ -174,8 +174,8 @@ def make_searcher(settings: SweepConfig, points: list[dict[str, Any]], space: di
                   max_concurrent: int = 0):
     if settings.searcher == "optuna":
         try:
-            from ray.tune.search.optuna import OptunaSearch
             import optuna  # noqa: F401
+            from ray.tune.search.optuna import OptunaSearch
         except ImportError as err:
             from trainer.config import ConfigError
 
@@ -218,7 +218,7 @@ def init_ray(settings: SweepConfig) -> None:
         # trial's controller is gone. Without an address that client looks for "the" Ray on the machine and
         # fails with "Found multiple active Ray instances" when another local Ray runs, so the stopped trial's
         # CPUs are never freed. Pin it to this Ray's dashboard: Ray's processes inherit the variable.
-        from trainer.runtime import free_port
+        from trainer.distributed import free_port
 
         port = free_port()
         api = f"http://127.0.0.1:{port}"
@@ -250,8 +250,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     from trainer.config import config_from_dict
     from trainer.data import dataset_classes
-    from trainer.runtime import write_json
-
+    from trainer.files import write_json
     from tune.record import SweepRecorder
     from tune.trial import rung_ends
     from tune.validate import resolve_metric
@@ -329,8 +328,7 @@ def finish(recorder, state: dict[str, Any], tracking: dict[str, str] | None, cla
     """Table, best trial, registry decision, parent run closed; the summary is also written to sweep.json's
     folder as summary.json."""
     from trainer.config import config_from_dict
-    from trainer.runtime import write_json
-
+    from trainer.files import write_json
     from tune.trial import trial_config
 
     metric, mode, settings = state["metric"], state["mode"], state["settings"]

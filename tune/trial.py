@@ -68,8 +68,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from trainer.config import ObjectiveConfig, config_from_dict
+    from trainer.files import run_dir
     from trainer.registry import is_model_uri, resolve_classifier
-    from trainer.runtime import run_dir
     from trainer.train import train_segmenter
 
     from .validate import validation_metrics

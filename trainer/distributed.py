@@ -1,0 +1,75 @@
+"""The process side of a training run: distributed init (a plain process becomes a world of one on 127.0.0.1),
+threads, seeding and RNG state, and means over ranks."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
+    """Rank and world size. A plain `python -m trainer` run becomes a world of one on 127.0.0.1; under the
+    `deepspeed` launcher or torchrun the environment is already set. gloo on CPU, NCCL on GPU. A collective
+    that waits longer than `timeout_s` (a peer died) raises instead of hanging."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port())})
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy and torch RNG states (saved per rank in every checkpoint)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def all_reduce_mean(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """The mean over all ranks of each value, in one collective (every rank must call it)."""
+    keys = sorted(values)
+    flat = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if torch.distributed.get_backend() == "nccl":
+            flat = flat.cuda()
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+    return dict(zip(keys, flat.tolist()))
