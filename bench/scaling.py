@@ -52,7 +52,7 @@ def _frozen_g():
 def _variant(mode: str, cfg, g_net, device: torch.device):
     """A fresh segmenter (same initial weights for every mode) wrapped as `mode`; returns (forward, step)."""
     from trainer.engine import deepspeed_config, make_engine
-    from trainer.train import build_segmenter
+    from trainer.weights import build_segmenter
 
     torch.manual_seed(1)
     model = build_segmenter(cfg, 1, g_net).to(device)
@@ -217,7 +217,7 @@ def memory_worker(args) -> dict:
         result[mode] = peak
         del forward, engine
     from trainer.models import count_parameters
-    from trainer.train import build_segmenter
+    from trainer.weights import build_segmenter
 
     return {"memory": result, "parameters": count_parameters(build_segmenter(cfg, 1, g_net), True)}
 

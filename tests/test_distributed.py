@@ -117,7 +117,7 @@ def zero3_run(work):
 def _check_finished_run(run: Path, log: Path, zero_stage: int) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from trainer.train import load_segmenter
+    from trainer.weights import load_segmenter
 
     text = log.read_text()
     assert text.count("exits successfully") == 2, "both ranks must finish"
@@ -197,7 +197,7 @@ def test_two_nodes_on_one_machine_train_g_with_zero3(work):
     ZeRO-3, so g's weights are sharded over the nodes and gathered into one classifier.pt at the end."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from trainer.classifier import load_classifier
+    from trainer.weights import load_classifier
 
     work, common = work
     hostfile = work / "hostfile"
@@ -307,7 +307,7 @@ def test_torchrun_runs_the_same_training(work, zero2_run):
     assert _history(run) == _history(zero2_run[0])[:steps]
     marker = json.loads((run / "checkpoints" / f"step{steps:07d}" / "complete.json").read_text())
     assert marker["world_size"] == 2 and marker["step"] == steps
-    from trainer.train import load_segmenter
+    from trainer.weights import load_segmenter
 
     load_segmenter(run / "segmenter.pt")  # strict load into a fresh model
 
@@ -409,7 +409,7 @@ def test_incompatible_checkpoint_names_the_conversion(tmp_path):
 def test_bf16_and_gradient_accumulation_in_one_process(work):
     """A plain `python -m trainer train` (world of one) with bf16 autocast and 2 micro-batches per step: fp32
     weights out, and the data position counts every micro-batch."""
-    from trainer.train import load_segmenter
+    from trainer.weights import load_segmenter
 
     work, common = work
     log = work / "bf16.log"

@@ -20,7 +20,7 @@ SEG = "wsssrec-segmenter"
 def multi_run(toy_multi_dataset, toy_dataset, tmp_path_factory):
     from trainer.config import load_config
     from trainer.effnet import EfficientNetLite0
-    from trainer.train import build_segmenter, save_segmenter
+    from trainer.weights import build_segmenter, save_segmenter
 
     work = tmp_path_factory.mktemp("multi-e2e")
     server = mlflow_server(work / "server", str(work / "artifacts"))

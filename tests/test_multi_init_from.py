@@ -6,7 +6,8 @@ import torch
 from trainer.config import Config, ConfigError, ModelConfig
 from trainer.models import Segmenter
 from trainer.registry import resolve_init_from
-from trainer.train import init_from_checkpoint, save_segmenter, start_from
+from trainer.train import start_from
+from trainer.weights import init_from_checkpoint, save_segmenter
 
 
 def _unet(num_classes: int, K: int = 0) -> Segmenter:

@@ -21,10 +21,22 @@ from .loop import LoopState
 
 COMPLETE = "complete.json"
 _TAG = re.compile(r"^step(\d{7,})$")
+_RANK_FILE = re.compile(r"^zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank optimizer shard files
 
 
 def tag(step: int) -> str:
     return f"step{step:07d}"
+
+
+def files_of_rank(folder: Path, rank: int) -> list[Path]:
+    """The entries of checkpoint `folder` that rank `rank` wrote: its own ZeRO shard files; rank 0 also
+    everything that is not a per-rank shard (model states, complete.json)."""
+    picked = []
+    for path in sorted(folder.iterdir()):
+        match = _RANK_FILE.match(path.name)
+        if (match and int(match.group(1)) == rank) or (not match and rank == 0):
+            picked.append(path)
+    return picked
 
 
 @dataclass

@@ -17,9 +17,10 @@ from .config import ClassifierConfig, Config
 from .data import dataset_classes, epoch_batches, eval_batches, resumable_batches
 from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
 from .engine import deepspeed_config, make_engine, zero_stage
-from .files import atomic_torch_save, run_dir, write_json
+from .files import atomic_torch_save, write_json
 from .loop import LoopState, StepMeter, start_stage
 from .tracking import Tracker
+from .weights import classifier_path, load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +34,6 @@ def build_classifier(ccfg: ClassifierConfig, num_classes: int) -> EfficientNetLi
         load_trunk(net, load_state_dict_file(ccfg.init))
     if ccfg.train_layers == "head":
         net.freeze_trunk()
-    return net
-
-
-def load_classifier(path: str | Path, num_classes: int) -> EfficientNetLite0:
-    """A trained g from its checkpoint (plain tensors, loaded with weights_only=True)."""
-    state = load_state_dict_file(path)
-    net = EfficientNetLite0(num_classes=num_classes)
-    fc = state.get("_fc.weight")
-    if fc is None or fc.shape[0] != num_classes:
-        got = "no `_fc` head" if fc is None else f"{fc.shape[0]} classes"
-        raise ValueError(f"classifier checkpoint {path} has {got}; the data set has {num_classes} classes")
-    net.load_state_dict(state, strict=True)
     return net
 
 
@@ -68,10 +57,6 @@ def colour_augment(images: torch.Tensor, grayscale_p: float, channel_shuffle_p: 
         idx = chosen[shuffle][:, :, None, None].expand(-1, -1, *images.shape[-2:])
         out[shuffle] = torch.gather(images[shuffle], 1, idx)
     return out
-
-
-def classifier_path(cfg: Config) -> Path:
-    return Path(cfg.classifier.checkpoint) if cfg.classifier.checkpoint else run_dir(cfg) / "classifier.pt"
 
 
 @torch.no_grad()

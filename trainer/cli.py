@@ -81,7 +81,7 @@ def cmd_eval(args) -> None:
 
         _, local = download(segmenter, run_dir(cfg) / "registry" / "eval-segmenter", tracking_uri(cfg))
         segmenter = str(local / "data" / "segmenter.pt")
-    results = evaluate(cfg, segmenter_path=segmenter, with_segmenter=not args.cam_only)
+    results = evaluate(cfg, segmenter_file=segmenter, with_segmenter=not args.cam_only)
     print(results_table(results))
     if len(results["classes"]) > 1:
         from .multiclass import per_class_table
@@ -94,12 +94,13 @@ def cmd_eval(args) -> None:
 def cmd_demo(args) -> None:
     """Build toy-birds if missing → stage 1 → stage 2 → eval → table and grid paths; both models registered
     in MLflow with the alias `champion`, and the `wsssrec predict` command that uses the segmenter."""
-    from .classifier import classifier_path, train_classifier
+    from .classifier import train_classifier
+    from .weights import classifier_path, segmenter_path
     from .evaluate import evaluate, results_table
     from .registry import (ensure_classifier_registered, forget_stage_run, register_stage, resolve_classifier,
                            stage_run_id)
     from .tracking import Tracker
-    from .train import segmenter_checkpoint, train_segmenter
+    from .train import train_segmenter
 
     cfg = _config(args)
     from data_shards.manifest import manifest_url, url_exists
@@ -130,7 +131,7 @@ def cmd_demo(args) -> None:
         results = evaluate(cfg, parent_run_id=parent.run_id)
         segmenter = None
         if registers:
-            segmenter = register_stage(cfg, "segmenter", segmenter_checkpoint(cfg), g_lineage,
+            segmenter = register_stage(cfg, "segmenter", segmenter_path(cfg), g_lineage,
                                        eval_run_id=stage_run_id(cfg, "eval"), alias="champion")
             parent.set_tags({**g_lineage, "registered.segmenter": f"models:/{segmenter.name}/{segmenter.version}"})
     except BaseException:

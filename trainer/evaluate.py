@@ -24,7 +24,7 @@ from .models import mask_logits
 from .multiclass import (PerClassThresholdSearch, bias_groups, cam_labels_per_class, class_report, per_class_table,
                          save_confusion_png)
 from .tracking import Tracker
-from .train import load_frozen_g, load_segmenter, segmenter_checkpoint
+from .weights import load_frozen_g, load_segmenter, segmenter_path
 from .viz import grid_row, save_grid
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _pick_grid_indices(labels: torch.Tensor, want_pos: int, want_neg: int) -> li
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_id: str | None = None,
+def evaluate(cfg: Config, segmenter_file: str | Path | None = None, parent_run_id: str | None = None,
              with_segmenter: bool = True) -> dict:
     for split in cfg.eval.splits:  # fail before any work on an unknown split or one without masks
         if not split_has_masks(cfg, split):
@@ -120,7 +120,7 @@ def evaluate(cfg: Config, segmenter_path: str | Path | None = None, parent_run_i
     g_net, g = load_frozen_g(cfg, C)
     model = None
     if with_segmenter:
-        model, _, _ = load_segmenter(segmenter_path or segmenter_checkpoint(cfg), g_net)
+        model, _, _ = load_segmenter(segmenter_file or segmenter_path(cfg), g_net)
         model.eval()
     tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-eval", parent_run_id=parent_run_id)
     threshold, curve = choose_cam_threshold(g, cfg, num_labels)

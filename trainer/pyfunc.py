@@ -9,7 +9,6 @@ import base64
 import binascii
 import io
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass, replace
@@ -188,10 +187,10 @@ def load_data_dir(data_dir: str | Path) -> SegmenterPredictor | ClassifierPredic
         raise FileNotFoundError(f"{data_dir} is not the data folder of a wsssrec model (no {META_FILE})")
     meta = json.loads(meta_path.read_text())
     weights = data_dir / meta["weights"]
-    from .classifier import load_classifier
+    from .weights import load_classifier
 
     if meta["kind"] == "segmenter":
-        from .train import load_segmenter
+        from .weights import load_segmenter
 
         model, cfg, classes = load_segmenter(weights)
         cfg = replace(cfg, eval=config_from_dict(meta["config"], strict=False).eval)  # as registered and scored

@@ -149,12 +149,12 @@ def load_predictor(uri: str, cache_dir: str | Path | None = None):
         if path.is_dir():
             return load_model_dir(path)
         if path.is_file():
-            from .train import load_segmenter
+            from .weights import load_segmenter
 
             model, cfg, classes = load_segmenter(path)
             if cfg.eval.gate_threshold <= 0:
                 return SegmenterPredictor(model, cfg, classes)
-            from .train import load_frozen_g  # the gate's g: the checkpoint config's classifier.checkpoint
+            from .weights import load_frozen_g  # the gate's g: the checkpoint config's classifier.checkpoint
 
             _, g = load_frozen_g(cfg, len(classes))
             return SegmenterPredictor(model, cfg, classes, g=g, gate_threshold=cfg.eval.gate_threshold)
@@ -288,7 +288,7 @@ def register(cfg: Config, kind: str, weights: str | Path, classes: list[str], ru
         manifest = tags.get("data.manifest_url", "")
         if manifest and "://" not in manifest and Path(manifest).is_file():
             files["manifest.json"] = manifest
-        from .classifier import classifier_path
+        from .weights import classifier_path
 
         gate_weights = classifier_path(cfg) if kind == "segmenter" else None  # carried when the gate is on
         version = str(log_model(client, kind=kind, weights=weights, cfg=cfg, classes=classes,
@@ -410,7 +410,7 @@ def register_stage(cfg: Config, kind: str, weights: str | Path, g_lineage: dict[
                    eval_run_id: str | None = None, alias: str | None = None):
     """Register what stage `kind` just wrote, linked to its run; a segmenter also carries g's lineage and,
     given `eval_run_id`, the evaluation metrics (segmenter and g on every split)."""
-    from .classifier import classifier_path
+    from .weights import classifier_path
     from .data import dataset_classes
 
     where = tracking_uri(cfg)

@@ -7,80 +7,19 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from tqdm import tqdm
 
 from .checkpoint import Checkpointer
-from .classifier import classifier_path, load_classifier
 from .config import Config, ConfigError
 from .data import dataset_classes, resumable_batches
 from .engine import deepspeed_config, make_engine, zero_stage
-from .files import atomic_torch_save, run_dir, write_json
+from .files import write_json
 from .loop import StepMeter, start_stage
 from .losses import objective
-from .models import FrozenClassifier, Segmenter, count_parameters
+from .models import Segmenter, count_parameters
 from .tracking import Tracker
-
-
-def build_segmenter(cfg: Config, num_classes: int, g_net) -> Segmenter:
-    return Segmenter(cfg.model, num_classes, trunk=g_net if cfg.model.encoder == "efficientnet" else None)
-
-
-def load_frozen_g(cfg: Config, num_classes: int):
-    path = classifier_path(cfg)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier checkpoint {path} does not exist: run `wsssrec train-classifier` "
-                                "first or set classifier.checkpoint=PATH")
-    net = load_classifier(path, num_classes)
-    return net, FrozenClassifier(net)
-
-
-def segmenter_checkpoint(cfg: Config) -> Path:
-    return run_dir(cfg) / "segmenter.pt"
-
-
-def save_segmenter(model: Segmenter | dict[str, torch.Tensor], cfg: Config, classes: list[str], path: Path) -> None:
-    """segmenter.pt: {"state_dict", "config", "classes"}, plain tensors (loads with weights_only=True)."""
-    state = model if isinstance(model, dict) else model.state_dict()
-    atomic_torch_save({"state_dict": state, "config": cfg.to_dict(), "classes": classes}, path)
-
-
-def load_segmenter(path: str | Path, g_net=None) -> tuple[Segmenter, Config, list[str]]:
-    """Rebuild the segmenter class from our package and load plain tensors (weights_only=True)."""
-    from .config import config_from_dict
-    from .effnet import EfficientNetLite0
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"segmenter checkpoint {path} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = config_from_dict(blob["config"], strict=False)
-    classes = list(blob["classes"])
-    trunk = g_net if g_net is not None else EfficientNetLite0(num_classes=len(classes))
-    model = build_segmenter(cfg, len(classes), trunk)
-    model.load_state_dict(blob["state_dict"], strict=True)
-    return model, cfg, classes
-
-
-def init_from_checkpoint(model: Segmenter, path: str | Path) -> dict[str, list[str]]:
-    """Copy every tensor of a segmenter checkpoint whose name and shape match into `model` (the shared encoder,
-    decoder stages; a mask head for another K or C does not match and keeps its fresh initialisation). Returns
-    the key names: loaded, skipped (shape mismatch), missing (not in the checkpoint), unused (only there)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    source = blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
-    own = model.state_dict()
-    report: dict[str, list[str]] = {"loaded": [], "skipped": [], "missing": [], "unused": sorted(set(source) - set(own))}
-    matched = {}
-    for key, tensor in own.items():
-        if key not in source:
-            report["missing"].append(key)
-        elif source[key].shape != tensor.shape:
-            report["skipped"].append(f"{key} {tuple(source[key].shape)} -> {tuple(tensor.shape)}")
-        else:
-            matched[key] = source[key]
-            report["loaded"].append(key)
-    model.load_state_dict(matched, strict=False)
-    return report
+from .weights import (build_segmenter, init_from_checkpoint, load_frozen_g, save_segmenter,
+                      segmenter_path)
 
 
 def start_from(model: Segmenter, cfg: Config, lineage: dict[str, str], out: Path) -> dict[str, str]:
@@ -170,7 +109,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
         if checkpoints.due(state.step):
             checkpoints.save(engine, state)
     state_dict = checkpoints.finish(engine, state)  # final checkpoint; every rank gathers, rank 0 gets it
-    path = segmenter_checkpoint(cfg)
+    path = segmenter_path(cfg)
     if rank == 0:
         seconds = time.time() - meter.start
         save_segmenter(state_dict, cfg, classes, path)

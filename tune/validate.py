@@ -14,7 +14,7 @@ from trainer.data import dataset_classes, eval_batches, split_has_masks
 from trainer.gate import method_labels
 from trainer.losses import objective
 from trainer.metrics import SegmentationMeter
-from trainer.train import load_frozen_g, load_segmenter
+from trainer.weights import load_frozen_g, load_segmenter
 
 
 def metric_key(split: str, kind: str) -> str:

@@ -1,0 +1,125 @@
+"""The weight files, in one place: where g's and the segmenter's files live in a run folder, building the
+segmenter around g's trunk, loading the frozen g, the `segmenter.pt` layout (written, read and validated here
+only), and `model.init_from` (copying the matching tensors of another segmenter). Every file loads with
+`torch.load(weights_only=True)`: plain tensors, never a pickle of code."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config, config_from_dict
+from .effnet import EfficientNetLite0, load_state_dict_file
+from .files import atomic_torch_save, run_dir
+from .models import FrozenClassifier, Segmenter
+
+SEGMENTER_FILE = "segmenter.pt"
+CLASSIFIER_FILE = "classifier.pt"
+
+
+class WeightsError(ValueError):
+    """A weights file that is missing, unreadable or not the kind expected; the message names the file."""
+
+
+# ---- where the files are ----
+
+def classifier_path(cfg: Config) -> Path:
+    """g's weights: `classifier.checkpoint`, else <run dir>/classifier.pt (what stage 1 writes)."""
+    return Path(cfg.classifier.checkpoint) if cfg.classifier.checkpoint else run_dir(cfg) / CLASSIFIER_FILE
+
+
+def segmenter_path(cfg: Config) -> Path:
+    """<run dir>/segmenter.pt: what stage 2 writes at its end."""
+    return run_dir(cfg) / SEGMENTER_FILE
+
+
+# ---- g ----
+
+def load_classifier(path: str | Path, num_classes: int) -> EfficientNetLite0:
+    """A trained g from its checkpoint (plain tensors, loaded with weights_only=True)."""
+    state = load_state_dict_file(path)
+    net = EfficientNetLite0(num_classes=num_classes)
+    fc = state.get("_fc.weight")
+    if fc is None or fc.shape[0] != num_classes:
+        got = "no `_fc` head" if fc is None else f"{fc.shape[0]} classes"
+        raise ValueError(f"classifier checkpoint {path} has {got}; the data set has {num_classes} classes")
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+def load_frozen_g(cfg: Config, num_classes: int) -> tuple[EfficientNetLite0, FrozenClassifier]:
+    """g's network (whose trunk the segmenter's encoder shares) and the frozen g the objective asks."""
+    path = classifier_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier checkpoint {path} does not exist: run `wsssrec train-classifier` "
+                                "first or set classifier.checkpoint=PATH")
+    net = load_classifier(path, num_classes)
+    return net, FrozenClassifier(net)
+
+
+# ---- the segmenter ----
+
+def build_segmenter(cfg: Config, num_classes: int, g_net: EfficientNetLite0 | None) -> Segmenter:
+    """f_m and f_x; with `model.encoder: efficientnet` their encoder is g's trunk (`g_net`)."""
+    return Segmenter(cfg.model, num_classes, trunk=g_net if cfg.model.encoder == "efficientnet" else None)
+
+
+@dataclass
+class SegmenterFile:
+    """The contents of a segmenter.pt: {"state_dict", "config", "classes"}."""
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    config: Config
+    classes: list[str]
+
+
+def save_segmenter(model: Segmenter | dict[str, torch.Tensor], cfg: Config, classes: list[str], path: Path) -> None:
+    """segmenter.pt: {"state_dict", "config", "classes"}, plain tensors (loads with weights_only=True)."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    atomic_torch_save({"state_dict": state, "config": cfg.to_dict(), "classes": list(classes)}, path)
+
+
+def read_segmenter_file(path: str | Path) -> SegmenterFile:
+    """Read and check a segmenter.pt (the one parser of its layout)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"segmenter checkpoint {path} does not exist")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or not {"state_dict", "config", "classes"} <= set(blob):
+        raise WeightsError(f"{path} is not a wsssrec segmenter.pt (expected a state_dict with its stored config "
+                           "and classes)")
+    return SegmenterFile(path, blob["state_dict"], config_from_dict(blob["config"], strict=False),
+                         list(blob["classes"]))
+
+
+def load_segmenter(path: str | Path, g_net: EfficientNetLite0 | None = None) -> tuple[Segmenter, Config, list[str]]:
+    """Rebuild the segmenter class from our package and load its tensors; `g_net` is the trunk to share (a
+    fresh EfficientNet-Lite0, overwritten by the stored trunk weights, when None)."""
+    stored = read_segmenter_file(path)
+    trunk = g_net if g_net is not None else EfficientNetLite0(num_classes=len(stored.classes))
+    model = build_segmenter(stored.config, len(stored.classes), trunk)
+    model.load_state_dict(stored.state_dict, strict=True)
+    return model, stored.config, stored.classes
+
+
+def init_from_checkpoint(model: Segmenter, path: str | Path) -> dict[str, list[str]]:
+    """Copy every tensor of a segmenter checkpoint (a segmenter.pt, or a bare state_dict) whose name and shape
+    match into `model` (the shared encoder, decoder stages; a mask head for another K or C does not match and
+    keeps its fresh initialisation). Returns the key names: loaded, skipped (shape mismatch), missing (not in
+    the checkpoint), unused (only there)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    source = blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
+    own = model.state_dict()
+    report: dict[str, list[str]] = {"loaded": [], "skipped": [], "missing": [], "unused": sorted(set(source) - set(own))}
+    matched = {}
+    for key, tensor in own.items():
+        if key not in source:
+            report["missing"].append(key)
+        elif source[key].shape != tensor.shape:
+            report["skipped"].append(f"{key} {tuple(source[key].shape)} -> {tuple(tensor.shape)}")
+        else:
+            matched[key] = source[key]
+            report["loaded"].append(key)
+    model.load_state_dict(matched, strict=False)
+    return report
