@@ -63,7 +63,7 @@ def train_step_rate(args) -> float:
     backward, Adam step, batch `--batch` at `--size` px, on synthetic images."""
     from trainer.classifier import build_classifier
     from trainer.config import load_config
-    from trainer.losses import objective
+    from trainer.objectives import objective
     from trainer.models import FrozenClassifier, Segmenter
 
     cfg = load_config(os.path.join(ROOT, "configs", "toy_birds.yaml"))

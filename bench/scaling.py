@@ -85,7 +85,7 @@ def _batches(cfg, rank: int, count: int, device: torch.device) -> list[dict]:
 
 
 def _train_step(forward, backward_step, g, cfg, batch) -> float:
-    from trainer.losses import objective
+    from trainer.objectives import objective
 
     images, labels = batch["image"], batch["labels"]
     terms = objective(forward(images), images, labels, g, cfg.objective, segment=forward)
@@ -201,7 +201,7 @@ def memory_worker(args) -> dict:
     for mode in MEMORY_MODES:
         forward, _, engine = _variant(mode, cfg, g_net, device)
         peak = {"params": 0, "grads": 0, "optimizer": 0, "total": 0}
-        from trainer.losses import objective
+        from trainer.objectives import objective
 
         for batch in batches:
             images, labels = batch["image"], batch["labels"]

@@ -56,15 +56,15 @@ def _red_square_and_grass(size: int):
 
 
 def test_registered_predictor_gates_as_eval_does():
-    """The pyfunc predictor with the gate on predicts eval's gated label map (trainer/gate.method_labels): the
+    """The pyfunc predictor with the gate on predicts eval's gated label map (trainer.inference.predict_masks): the
     region on grass, which g does not recognise, drops to background; the one holding the square stays."""
     import numpy as np
 
     from trainer.config import load_config
     from trainer.effnet import EfficientNetLite0
-    from trainer.gate import method_labels
+    from trainer.images import resize_for_model
+    from trainer.inference import PredictSettings, SegmenterPredictor, predict_masks
     from trainer.models import Segmenter
-    from trainer.pyfunc import SegmenterPredictor, resize_for_model
 
     torch.manual_seed(0)
     # fg threshold 0.01: the untrained segmenter marks (nearly) every pixel foreground, so the gate decides
@@ -72,9 +72,9 @@ def test_registered_predictor_gates_as_eval_does():
     model = Segmenter(cfg.model, 1, trunk=EfficientNetLite0(num_classes=1)).eval()
     square, grass = _red_square_and_grass(64)
     batch = torch.stack([resize_for_model(img, 64) for img in (square, grass)])
-    expected = method_labels(model, batch, flip=cfg.eval.flip, fg_threshold=0.01, gate_threshold=0.5,
-                             g=RedDetector(), objective=cfg.objective)
-    ungated = method_labels(model, batch, flip=cfg.eval.flip, fg_threshold=0.01)
+    expected = predict_masks(model, batch, PredictSettings(cfg.eval.flip, 0.01, 0.5), RedDetector(),
+                             cfg.objective).labels
+    ungated = predict_masks(model, batch, PredictSettings(cfg.eval.flip, 0.01)).labels
     assert (ungated > 0).float().mean() > 0.9  # both images predicted foreground before the gate
     assert (expected[0] > 0).float().mean() > 0.9 and expected[1].sum() == 0
 

@@ -8,7 +8,8 @@ import torch
 from trainer.config import ObjectiveConfig
 from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_negative, L_paste,
                             L_preserve, L_recon, L_tv, cls_targets, deleted, erase_schedule, erased, foreground,
-                            gaussian_blur, mask_lets, objective, preserved, reconstruction)
+                            gaussian_blur, mask_lets, preserved, reconstruction)
+from trainer.objectives import objective
 
 
 def _logit(p):

@@ -1,7 +1,6 @@
 """IoU against hand-made cases; config precedence and errors that name the key."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

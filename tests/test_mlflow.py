@@ -133,8 +133,7 @@ def in_memory_masks(checkpoint: Path, paths: list[Path], probabilities: bool = F
     """The masks of the segmenter as trained (segmenter.pt in the run folder), in this process."""
     import torch
 
-    from trainer.predict import decode_image
-    from trainer.registry import load_predictor
+    from trainer.predict import decode_image, load_predictor
 
     torch.set_num_threads(1)
     predictor = load_predictor(str(checkpoint))
@@ -288,7 +287,8 @@ def test_models_serve_answers_rest_with_the_same_masks(server, pipeline, images,
 
 @pytest.mark.slow
 def test_wrong_uris_fail_with_clear_messages(server, pipeline, images, monkeypatch):
-    from trainer.registry import RegistryError, load_predictor
+    from trainer.model_uri import RegistryError
+    from trainer.predict import load_predictor
     from trainer.tracking import TrackingError
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
@@ -333,7 +333,8 @@ def test_server_killed_mid_run_loses_no_metric(server, pipeline, toy_dataset, tm
     completes, every step reaches the run, and the new version records which g it used. A second run that
     ends while the server is down keeps what it could not send in a file that `sync-metrics` sends."""
     from trainer.config import load_config
-    from trainer.tracking import HTTP_DEFAULTS, Tracker
+    from trainer.tracker import Tracker
+    from trainer.tracking import HTTP_DEFAULTS
 
     for name, value in {**HTTP_DEFAULTS, "MLFLOW_TRACKING_URI": server.url}.items():
         monkeypatch.setenv(name, value)  # what connect() would set, undone after the test
@@ -424,7 +425,8 @@ def test_local_sqlite_store_elsewhere_than_cwd_registers(toy_dataset, tmp_path, 
 
     from trainer.classifier import build_classifier
     from trainer.config import ClassifierConfig, load_config
-    from trainer.registry import download, register
+    from trainer.model_uri import download
+    from trainer.registry import register
 
     monkeypatch.chdir(tmp_path)  # cwd's own ./mlflow.db is NOT the store below
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -451,7 +453,8 @@ def test_metric_names_mlflow_refuses_are_renamed_not_lost(toy_dataset, tmp_path)
     import mlflow
 
     from trainer.config import load_config
-    from trainer.tracking import Tracker, mlflow_name
+    from trainer.tracker import Tracker
+    from trainer.tracking import mlflow_name
 
     assert mlflow_name("val/CAM+gate/iou_traffic(light)") == "val/CAM_gate/iou_traffic_light_"
     assert mlflow_name("/a/../b") == "a/._/b" and mlflow_name("val/method/miou") == "val/method/miou"

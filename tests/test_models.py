@@ -8,7 +8,7 @@ import torch
 
 from trainer.config import load_config
 from trainer.effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_trunk
-from trainer.losses import objective
+from trainer.objectives import objective
 from trainer.models import FrozenClassifier, Segmenter, component_to_label, count_parameters
 
 IMAGENET_BIRDS = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))

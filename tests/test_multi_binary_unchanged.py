@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import ObjectiveConfig
-from trainer.losses import objective
+from trainer.objectives import objective
 from trainer.models import component_to_label
 
 

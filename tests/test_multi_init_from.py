@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from trainer.config import Config, ConfigError, ModelConfig
+from trainer.model_uri import resolve_init_from
 from trainer.models import Segmenter
-from trainer.registry import resolve_init_from
 from trainer.train import start_from
 from trainer.weights import init_from_checkpoint, save_segmenter
 
@@ -42,9 +42,10 @@ def test_start_from_writes_the_record_and_returns_tags(tmp_path, capsys):
     save_segmenter(binary, Config(), ["bird"], path)
     cfg = Config()
     cfg.model.init_from = str(path)
-    lineage = resolve_init_from(cfg)
+    resolved, lineage = resolve_init_from(cfg)
+    assert resolved == cfg  # a local path stays as it is
     assert lineage["init_from"] == str(path) and len(lineage["init_from.weights_sha256"]) == 64
-    tags = start_from(_unet(4), cfg, lineage, tmp_path)
+    tags = start_from(_unet(4), resolved, lineage, tmp_path)
     assert tags["init_from.skipped"] == 4 and tags["init_from.loaded"] > 10
     assert "skipped mask_decoder.head.weight" in capsys.readouterr().out
     assert (tmp_path / "init_from.json").is_file()

@@ -7,9 +7,9 @@ import torch
 
 from trainer.cam import cam_labels
 from trainer.config import ModelConfig, ObjectiveConfig
-from trainer.losses import (L_absent, L_mask, L_paste, L_preserve, L_tv, classifier_rows, deleted, foreground,
-                            objective, preserved)
+from trainer.losses import L_absent, L_mask, L_paste, L_preserve, L_tv, classifier_rows, deleted, foreground, preserved
 from trainer.models import Segmenter, component_to_label
+from trainer.objectives import objective
 
 ln = math.log
 

@@ -17,9 +17,9 @@ from .config import ClassifierConfig, Config
 from .data import dataset_classes, epoch_batches, eval_batches, resumable_batches
 from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
 from .engine import deepspeed_config, make_engine, zero_stage
-from .files import atomic_torch_save, write_json
-from .loop import LoopState, StepMeter, start_stage
-from .tracking import Tracker
+from .files import atomic_torch_save, stage_run_name, write_json
+from .loop import LoopState, StageResult, StepMeter, start_stage
+from .tracker import Tracker
 from .weights import classifier_path, load_classifier
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,8 @@ def jtt_error_set(cfg: Config, out: Path, classes: list[str], tracker: Tracker) 
     return frozenset(data["keys"]), int(data["images"])
 
 
-def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
-    """Fine-tune g for `classifier.epochs` epochs; returns the path of the saved state dict. With
+def train_classifier(cfg: Config, parent_run_id: str | None = None) -> StageResult:
+    """Fine-tune g for `classifier.epochs` epochs; returns the saved state dict's path and the run. With
     `classifier.jtt_epochs` > 0 a short first pass finds the training images g gets wrong and the real pass
     weights them by `classifier.jtt_upweight` (`jtt_error_set`)."""
     rank, world, out = start_stage(cfg)
@@ -202,8 +202,7 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
     micro = cfg.classifier.batch_size
     ds_config = deepspeed_config(cfg, micro)
     accum = ds_config["gradient_accumulation_steps"]
-    tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-classifier", active=rank == 0,
-                      parent_run_id=parent_run_id)
+    tracker = Tracker(cfg, stage_run_name(cfg, "classifier"), active=rank == 0, parent_run_id=parent_run_id)
     tracker.set_tags({"world_size": world, "zero_stage": zero_stage(ds_config),
                       "global_batch": micro * accum * world})
     error_set, dataset_size = frozenset(), 0
@@ -229,4 +228,4 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> Path:
         print("stage 1 done: g saved to", path, {k: round(v, 3) for k, v in metrics.items()})
         tracker.log_artifact(out / "config.yaml")
         tracker.finish()
-    return path
+    return StageResult("classifier", path, tracker.run_id)

@@ -43,40 +43,47 @@ def _check_tracking(cfg) -> None:
 
 def cmd_train_classifier(args) -> None:
     from .classifier import train_classifier
-    from .registry import forget_stage_run, register_stage
+    from .registry import register_stage
 
     cfg = _config(args)
     _check_tracking(cfg)
-    forget_stage_run(cfg, "classifier")
-    path = train_classifier(cfg)
+    result = train_classifier(cfg)
     if _registers(cfg):
-        register_stage(cfg, "classifier", path)
+        register_stage(cfg, result)
+
+
+def _resolve_uris(cfg):
+    """Registry URIs in the config → local files, once, in the driver: every rank needs g's weights (and
+    `model.init_from`'s) as files. Returns the resolved config and the lineage the registry records."""
+    from .model_uri import resolve_classifier, resolve_init_from
+
+    cfg, g_lineage = resolve_classifier(cfg)
+    cfg, init_lineage = resolve_init_from(cfg)
+    return cfg, {**g_lineage, **init_lineage}
 
 
 def cmd_train(args) -> None:
-    from .registry import forget_stage_run, register_stage, resolve_classifier, resolve_init_from
+    from .registry import register_stage
     from .train import train_segmenter
 
     cfg = _config(args)
     _check_tracking(cfg)
-    g_lineage = resolve_classifier(cfg)  # every rank needs g's weights: models:/ → a local file
-    init_lineage = resolve_init_from(cfg)  # the same for model.init_from
-    forget_stage_run(cfg, "segmenter")
-    path = train_segmenter(cfg, init_lineage=init_lineage)
+    cfg, lineage = _resolve_uris(cfg)
+    result = train_segmenter(cfg, lineage=lineage)
     if _registers(cfg):
-        register_stage(cfg, "segmenter", path, g_lineage)
+        register_stage(cfg, result)
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate, results_table
-    from .registry import is_model_uri, resolve_classifier
+    from .eval_report import results_table
+    from .evaluate import evaluate
+    from .model_uri import is_model_uri, resolve_classifier
 
-    cfg = _config(args)
-    resolve_classifier(cfg)
+    cfg, _ = resolve_classifier(_config(args))
     segmenter = args.segmenter
     if segmenter and is_model_uri(segmenter):
         from .files import run_dir
-        from .registry import download
+        from .model_uri import download
         from .tracking import tracking_uri
 
         _, local = download(segmenter, run_dir(cfg) / "registry" / "eval-segmenter", tracking_uri(cfg))
@@ -91,49 +98,61 @@ def cmd_eval(args) -> None:
         print(f"grid {split}: {res['grid']}")
 
 
+def ensure_toy_data(cfg) -> None:
+    """`wsssrec demo` on a data URL without a manifest builds toy-birds there (local path or s3://)."""
+    from data_shards.manifest import manifest_url, url_exists
+
+    if url_exists(manifest_url(cfg.data.url)):
+        return
+    from data_shards.toy_birds import build_toy_birds
+
+    url = cfg.data.url.rstrip("/")
+    out_dir = url.rsplit("/", 1)[0] if url.endswith(".json") else url
+    print(f"building toy-birds in {out_dir}")
+    build_toy_birds(str(out_dir), seed=cfg.toy.seed, size=cfg.toy.size, rho=cfg.toy.rho,
+                    counts={"train": cfg.toy.train, "val": cfg.toy.val, "test_aligned": cfg.toy.test,
+                            "test_conflict": cfg.toy.test})
+
+
+def demo_stages(cfg, parent, registers: bool, retrain_classifier: bool):
+    """Stage 1 (unless g is given or trained already), stage 2, eval; g and the segmenter registered with
+    the alias `champion`. Returns the eval results and the registered segmenter version (or None)."""
+    from .classifier import train_classifier
+    from .evaluate import evaluate
+    from .loop import StageResult
+    from .registry import ensure_classifier_registered, register_stage
+    from .train import train_segmenter
+    from .weights import classifier_path
+
+    cfg, lineage = _resolve_uris(cfg)  # classifier=models:/... skips stage 1
+    g_given = any(k.startswith("classifier.") for k in lineage)
+    if not g_given and (retrain_classifier or not classifier_path(cfg).is_file()):
+        g_result = train_classifier(cfg, parent_run_id=parent.run_id)
+        if registers:
+            register_stage(cfg, g_result, alias="champion")
+    if registers and not g_given:
+        lineage.update(ensure_classifier_registered(cfg, classifier_path(cfg), alias="champion"))
+    result: StageResult = train_segmenter(cfg, parent_run_id=parent.run_id, lineage=lineage)
+    results = evaluate(cfg, parent_run_id=parent.run_id)
+    if not registers:
+        return cfg, results, None
+    segmenter = register_stage(cfg, result, eval_run_id=results["run_id"], alias="champion")
+    g_tags = {k: v for k, v in result.lineage.items() if k.startswith("classifier.")}
+    parent.set_tags({**g_tags, "registered.segmenter": f"models:/{segmenter.name}/{segmenter.version}"})
+    return cfg, results, segmenter
+
+
 def cmd_demo(args) -> None:
     """Build toy-birds if missing → stage 1 → stage 2 → eval → table and grid paths; both models registered
     in MLflow with the alias `champion`, and the `wsssrec predict` command that uses the segmenter."""
-    from .classifier import train_classifier
-    from .weights import classifier_path, segmenter_path
-    from .evaluate import evaluate, results_table
-    from .registry import (ensure_classifier_registered, forget_stage_run, register_stage, resolve_classifier,
-                           stage_run_id)
-    from .tracking import Tracker
-    from .train import train_segmenter
+    from .eval_report import results_table
+    from .tracker import Tracker
 
     cfg = _config(args)
-    from data_shards.manifest import manifest_url, url_exists
-
-    if not url_exists(manifest_url(cfg.data.url)):  # local path or s3://
-        from data_shards.toy_birds import build_toy_birds
-
-        url = cfg.data.url.rstrip("/")
-        out_dir = url.rsplit("/", 1)[0] if url.endswith(".json") else url
-        print(f"building toy-birds in {out_dir}")
-        build_toy_birds(str(out_dir), seed=cfg.toy.seed, size=cfg.toy.size, rho=cfg.toy.rho,
-                        counts={"train": cfg.toy.train, "val": cfg.toy.val, "test_aligned": cfg.toy.test,
-                                "test_conflict": cfg.toy.test})
+    ensure_toy_data(cfg)
     parent = Tracker(cfg, cfg.train.run_name or "demo")
-    registers = _registers(cfg)
     try:
-        g_lineage = resolve_classifier(cfg)  # classifier=models:/... skips stage 1
-        if not g_lineage and (args.retrain_classifier or not classifier_path(cfg).is_file()):
-            forget_stage_run(cfg, "classifier")
-            train_classifier(cfg, parent_run_id=parent.run_id)
-            if registers:
-                register_stage(cfg, "classifier", classifier_path(cfg), alias="champion")
-        if registers and not g_lineage:
-            g_lineage = ensure_classifier_registered(cfg, classifier_path(cfg), alias="champion")
-        for stage in ("segmenter", "eval"):
-            forget_stage_run(cfg, stage)
-        train_segmenter(cfg, parent_run_id=parent.run_id)
-        results = evaluate(cfg, parent_run_id=parent.run_id)
-        segmenter = None
-        if registers:
-            segmenter = register_stage(cfg, "segmenter", segmenter_path(cfg), g_lineage,
-                                       eval_run_id=stage_run_id(cfg, "eval"), alias="champion")
-            parent.set_tags({**g_lineage, "registered.segmenter": f"models:/{segmenter.name}/{segmenter.version}"})
+        cfg, results, segmenter = demo_stages(cfg, parent, _registers(cfg), args.retrain_classifier)
     except BaseException:
         parent.finish("FAILED")
         raise
@@ -142,7 +161,7 @@ def cmd_demo(args) -> None:
     for split, res in results["splits"].items():
         print(f"grid {split}: {res['grid']}")
     if segmenter is not None:
-        from .registry import predict_hint
+        from .predict import predict_hint
 
         print(predict_hint(cfg, segmenter))
 
@@ -173,7 +192,7 @@ def cmd_registry(args) -> None:
 
 
 def cmd_sync_metrics(args) -> None:
-    from .tracking import sync_pending
+    from .tracker import sync_pending
 
     for path in args.files:
         sent = sync_pending(path)

@@ -10,7 +10,6 @@ import torch
 
 from .config import ObjectiveConfig
 from .losses import fill_image, preserved
-from .models import mask_logits
 
 
 @torch.no_grad()
@@ -41,18 +40,3 @@ def apply_gate(pred: torch.Tensor, scores: torch.Tensor, threshold: float) -> to
         if drop.any():
             out[drop] = torch.where(out[drop] == c + 1, torch.zeros_like(out[drop]), out[drop])
     return out
-
-
-@torch.no_grad()
-def method_labels(model, images: torch.Tensor, *, flip: bool, fg_threshold: float, gate_threshold: float = 0.0,
-                  g=None, objective: ObjectiveConfig | None = None, net_out: dict | None = None) -> torch.Tensor:
-    """The method's label map as `wsssrec eval`, sweeps and the registered model predict it: mask logits (with
-    the flip test-time augmentation), foreground where Σ_{class k} M_k > `fg_threshold`, then the preserve gate
-    with the frozen `g` where `gate_threshold` > 0. `net_out`: the forward on `images` already run."""
-    pred = model.predict_labels(mask_logits(model, images, flip, net_out), fg_threshold)
-    if gate_threshold > 0:
-        if g is None or objective is None:
-            raise ValueError("the preserve gate (gate_threshold > 0) needs the frozen classifier g and the "
-                             "objective config (its fill)")
-        pred = apply_gate(pred, preserve_scores(g, images, pred, model.num_classes, objective), gate_threshold)
-    return pred

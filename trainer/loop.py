@@ -11,6 +11,16 @@ from .distributed import all_reduce_mean, init_distributed, seed_everything, set
 from .files import run_dir, save_resolved_config
 
 
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage made: its weights file, its MLflow run (None when tracking is off or on ranks > 0) and
+    the lineage tags the registry records with it (g's registry version, `model.init_from`)."""
+    stage: str  # "classifier" | "segmenter"
+    weights: Path
+    run_id: str | None = None
+    lineage: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class LoopState:
     """Where a training loop stands; saved in every checkpoint's client_state."""

@@ -1,6 +1,7 @@
 """The objectives, term by term, named as in the paper: mask-lets M, image-lets X, reconstruction Î,
-L = L_recon + λ_m·L_mask + λ_c·L_cls (preset `paper`), and the preserve/delete objective of DESIGN.md §1
-(preset `preserve_delete`) whose every term is a function here with its config weight.
+L = L_recon + λ_m·L_mask + λ_c·L_cls (preset `paper`), and the preserve/delete objective of docs/method.md
+(preset `preserve_delete`) whose every term is a function here with its config weight; `objectives` weighs
+and sums them.
 
 Shapes: I B×3×H×W in [0,1]; Z B×K×H×W; M B×K×H×W (sums to 1 over K); X B×K×3×H×W; y B×C multi-hot.
 Components 0..C−1 belong to the classes, C..K−1 are background components."""
@@ -78,18 +79,6 @@ def L_cls(g: Classifier, M: torch.Tensor, V: torch.Tensor, y: torch.Tensor) -> t
     masked = (M.unsqueeze(2) * V).flatten(0, 1)  # (B·K)×3×H×W
     logits = g(masked).view(B, K, -1)
     return F.binary_cross_entropy_with_logits(logits, cls_targets(y, K), reduction="none").mean(dim=(0, 2)).mean()
-
-
-def paper_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
-                    training: bool = True, segment=None, step: int | None = None) -> dict[str, torch.Tensor]:
-    """L = L_recon + λ_m·L_mask + λ_c·L_cls."""
-    M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
-    X = out["imagelets"]
-    I_hat = reconstruction(M, X)
-    V = X if cfg.cls_input == "imagelet" else I.unsqueeze(1).expand_as(X)
-    terms = {"L_recon": L_recon(I_hat, I), "L_mask": L_mask(M, y, cfg.area_target), "L_cls": L_cls(g, M, V, y)}
-    terms["loss"] = terms["L_recon"] + cfg.lambda_m * terms["L_mask"] + cfg.lambda_c * terms["L_cls"]
-    return terms
 
 
 # ---------------------------------------------------------------------------------- preserve / delete terms
@@ -282,83 +271,9 @@ def L_negative(M_fg: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return bce(M_neg, torch.zeros_like(M_neg)).mean()
 
 
-def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier,
-                              cfg: ObjectiveConfig, training: bool = True,
-                              segment: Callable[[torch.Tensor], dict] | None = None,
-                              step: int | None = None) -> dict[str, torch.Tensor]:
-    """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
-    + tv_weight·L_tv + absent_weight·L_absent + negative_weight·L_negative) + recon_weight·L_recon
-    + paste_weight·L_paste + erase_weight·erase_schedule(step)·L_erase (the last two only while training, given
-    the mask network `segment`; L_erase only once its schedule has started).
-
-    For C classes the classifier terms work per tagged class on the class's own component (`classifier_rows`):
-    keeping only M_c must read as class c alone, removing M_c must remove class c and keep the others. L_tv is
-    summed over the class components, L_paste is checked class by class. For C = 1 every term is the binary
-    one unchanged."""
-    C = y.shape[1]
-    M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
-    M_fg = foreground(M, C)
-    fill = fill_image(I, cfg)
-    image, rows, keep_targets, delete_targets = classifier_rows(M, M_fg, y)
-    R = rows.shape[0]
-    I_rows, fill_rows = I[image], fill[image]
-    both = g(torch.cat([preserved(rows, I_rows, fill_rows), deleted(rows, I_rows, fill_rows)]))  # one pass
-    terms = {
-        "L_preserve": L_preserve(lambda _: both[:R], None, keep_targets),
-        "L_delete": (L_delete(lambda _: both[R:], None, delete_targets) if cfg.delete_untagged
-                     else L_delete_tagged(both[R:], keep_targets, delete_targets)),
-        "L_area": L_area(M_fg),
-        # per class component; C = 1 reads M_fg (= M_0) so gradients accumulate in the binary code's order
-        "L_tv": sum(L_tv(M_c, I, cfg.edge_aware_tv) for M_c in (M[:, :C].unbind(1) if C > 1 else [M_fg])),
-        "L_recon": L_recon(reconstruction(M, out["imagelets"]), I),
-    }
-    terms["loss"] = (cfg.lambda_c * (cfg.preserve_weight * terms["L_preserve"] + cfg.delete_weight * terms["L_delete"])
-                     + cfg.lambda_m * (cfg.area_weight * terms["L_area"] + cfg.tv_weight * terms["L_tv"])
-                     + cfg.recon_weight * terms["L_recon"])
-    if cfg.absent_weight > 0:
-        terms["L_absent"] = L_absent(M, y)
-        terms["loss"] = terms["loss"] + cfg.lambda_m * cfg.absent_weight * terms["L_absent"]
-    if cfg.negative_weight > 0:
-        terms["L_negative"] = L_negative(M_fg, y)
-        terms["loss"] = terms["loss"] + cfg.lambda_m * cfg.negative_weight * terms["L_negative"]
-    if cfg.paste_weight > 0 and training and segment is not None:
-        terms["L_paste"] = L_paste(segment, I, y, M[:, :C] if C > 1 else M_fg, C)
-        terms["loss"] = terms["loss"] + cfg.paste_weight * terms["L_paste"]
-    erase_factor = erase_schedule(cfg, step)
-    if cfg.erase_weight > 0 and erase_factor > 0 and training and segment is not None:
-        terms["L_erase"] = L_erase(segment, g if cfg.erase_gate else None, I, y, M_fg, fill, C, cfg.erase_dilate)
-        terms["loss"] = terms["loss"] + cfg.erase_weight * erase_factor * terms["L_erase"]
-    return terms
-
-
 # ------------------------------------------------------------------------- two-stage baseline: CAM pseudo-labels
 def L_pseudo(Z: torch.Tensor, pseudo_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Cross-entropy of the components against a label map (label c + 1 → component c, 0 → the first
     background component C)."""
     target = torch.where(pseudo_labels > 0, pseudo_labels - 1, torch.full_like(pseudo_labels, num_classes))
     return F.cross_entropy(Z, target)
-
-
-def cam_pseudo_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g, cfg: ObjectiveConfig,
-                         training: bool = True, segment=None, step: int | None = None) -> dict[str, torch.Tensor]:
-    """The classic two-stage WSSS baseline: g's CAM, gated by the image-level tags and thresholded at
-    `cam_threshold`, is the pixel label the segmenter learns (no reconstruction, no classifier guidance)."""
-    from .cam import cam_labels, cam_scores
-
-    with torch.no_grad():
-        pseudo = cam_labels(cam_scores(g, I, tags=y), cfg.cam_threshold)
-    terms = {"L_pseudo": L_pseudo(out["mask_logits"], pseudo, y.shape[1])}
-    terms["loss"] = terms["L_pseudo"]
-    return terms
-
-
-OBJECTIVES = {"paper": paper_objective, "preserve_delete": preserve_delete_objective,
-              "cam_pseudo": cam_pseudo_objective}
-
-
-def objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
-              training: bool = True, segment: Callable[[torch.Tensor], dict] | None = None,
-              step: int | None = None) -> dict[str, torch.Tensor]:
-    """The preset's objective. Every preset takes the training `step` (None outside a training loop); only
-    scheduled terms (preserve_delete's L_erase) read it."""
-    return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training, segment, step)

@@ -46,9 +46,3 @@ class SegmentationMeter:
         for label in range(1, self.num_labels):
             out[f"iou_{label}"] = float(iou[label])
         return out
-
-
-def iou_from_confusion(confusion: np.ndarray) -> np.ndarray:
-    meter = SegmentationMeter(confusion.shape[0])
-    meter.confusion = confusion
-    return meter.iou()

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig
 from .effnet import PYRAMID_CHANNELS, EfficientNetLite0
+from .losses import gaussian_blur
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -173,8 +174,6 @@ def local_mean_imagelets(M: torch.Tensor, images: torch.Tensor, sigma: float) ->
     each region from itself", at the lowest capacity). Î = Σ_k M_k X_k then matches I only where each pixel
     sits in the component whose local colour it shares, so L_recon pulls mask edges onto colour edges (a local
     Chan-Vese energy, Lankton & Tannenbaum 2008)."""
-    from .losses import gaussian_blur
-
     B, K, H, W = M.shape
     weighted = (M.unsqueeze(2) * images.unsqueeze(1)).reshape(B, K * 3, H, W)
     num = gaussian_blur(weighted, sigma).view(B, K, 3, H, W)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,15 @@ from tqdm import tqdm
 
 from data_shards.manifest import DataError, open_url
 
-from .pyfunc import BATCH_SIZE, ModelInputError, SegmenterPredictor, decode_image
+from .config import Config
+from .files import run_dir
+from .images import ModelInputError, decode_image
+from .inference import BATCH_SIZE, SegmenterPredictor
+from .model_uri import download, is_model_uri
+from .pyfunc import load_model_dir
+from .tracking import tracking_uri
 from .viz import PALETTE, colorize
+from .weights import load_frozen_g, load_segmenter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -102,10 +112,59 @@ def predict_images(predictor: SegmenterPredictor, source: str, out: str,
 
 def predict(model: str, source: str, out: str, batch_size: int = BATCH_SIZE, cache_dir: str | None = None) -> list[str]:
     """`wsssrec predict`: load the segmenter named by `model` (URI, folder or checkpoint), then segment."""
-    from .registry import load_predictor
-
     predictor = load_predictor(model, cache_dir)
     written = predict_images(predictor, source, out, batch_size)
     print(f"wrote {len(written)} label masks (0 background, c + 1 class c; classes: "
           f"{', '.join(predictor.classes)}) and overlays to {out}")
     return written
+
+
+def load_predictor(uri: str, cache_dir: str | Path | None = None):
+    """A segmenter or classifier predictor from a registry/run URI, a downloaded model folder, or a local
+    checkpoint file (segmenter.pt); weights always load with weights_only=True."""
+    path = Path(uri)
+    if not is_model_uri(uri):
+        if path.is_dir():
+            return load_model_dir(path)
+        if path.is_file():
+            model, cfg, classes = load_segmenter(path)
+            if cfg.eval.gate_threshold <= 0:
+                return SegmenterPredictor(model, cfg, classes)
+            _, g = load_frozen_g(cfg, len(classes))
+            return SegmenterPredictor(model, cfg, classes, g=g, gate_threshold=cfg.eval.gate_threshold)
+        raise FileNotFoundError(f"model {uri} is neither a models:/ or runs:/ URI nor an existing checkpoint "
+                                "or model folder")
+    if cache_dir:
+        _, local = download(uri, Path(cache_dir) / "model")
+        return load_model_dir(local)
+    with tempfile.TemporaryDirectory(prefix="wsssrec-model-") as tmp:  # weights are read into memory
+        _, local = download(uri, Path(tmp) / "model")
+        return load_model_dir(local)
+
+def export_sample_images(cfg: Config, out: Path, count: int = 8) -> Path:
+    """A few images of the last evaluation split as plain JPEGs, so the printed predict command runs as is."""
+    from data_shards.loader import raw_samples
+    from data_shards.manifest import read_manifest
+
+    out.mkdir(parents=True, exist_ok=True)
+    split = read_manifest(cfg.data.url).split(cfg.eval.splits[-1])
+    written = 0
+    for shard in split.shards:
+        for sample in raw_samples(shard):
+            if written >= count:
+                return out
+            (out / f"{sample['__key__'].replace('/', '_')}.jpg").write_bytes(sample["jpg"])
+            written += 1
+    return out
+
+
+def predict_hint(cfg: Config, version) -> str:
+    """The command that segments images with the segmenter the demo just registered."""
+    samples = export_sample_images(cfg, run_dir(cfg) / "sample_images")
+    uri = tracking_uri(cfg)
+    env = "" if uri == "sqlite:///mlflow.db" else f"MLFLOW_TRACKING_URI={uri} "
+    script = Path(sys.executable).parent / "wsssrec"  # `make demo` runs from .venv, which may not be on PATH
+    command = "wsssrec" if shutil.which("wsssrec") == str(script) or not script.exists() else os.path.relpath(script)
+    return (f"segmenter registered as models:/{version.name}/{version.version} with alias champion; segment "
+            f"images with it:\n  {env}{command} predict --model models:/{version.name}@champion --images {samples} "
+            f"--out {run_dir(cfg) / 'predicted'}")

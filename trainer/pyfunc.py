@@ -5,179 +5,26 @@ arrays) and returns per-image label masks (0 background, c + 1 class c) at each 
 `mlflow models serve -m models:/wsssrec-segmenter@champion --env-manager local` answers REST requests."""
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import shutil
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-
-from data_shards.manifest import DataError
-
 from .config import Config, config_from_dict
-from .gate import apply_gate, preserve_scores
-from .models import FrozenClassifier, mask_logits
+from .images import model_input_images
+from .inference import ClassifierPredictor, SegmenterPredictor
+from .models import FrozenClassifier
+from .weights import load_classifier, load_segmenter
 
 FLAVOR_NAME = "wsssrec"
 DATA_DIR = "data"  # the pyfunc `data` folder: weights + wsssrec.json
 META_FILE = "wsssrec.json"
 WEIGHTS_FILE = {"segmenter": "segmenter.pt", "classifier": "classifier.pt"}
-BATCH_SIZE = 16
 
 
-class ModelInputError(DataError):
-    """An input the pyfunc cannot read as an image; the message says which row and what was expected."""
-
-
-# ---- images in ----
-
-def decode_image(item: Any, where: str = "image") -> np.ndarray:
-    """One image as H×W×3 uint8 RGB from encoded bytes (JPEG/PNG/...), a base64 string of them, or pixels
-    (H×W×3 or H×W, uint8 0-255 or float 0-1, as an array or nested lists)."""
-    if isinstance(item, str):
-        try:
-            item = base64.b64decode(item, validate=False)
-        except (binascii.Error, ValueError) as err:
-            raise ModelInputError(f"{where}: a string must be base64 of JPEG/PNG bytes ({err})") from None
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(item))) as img:
-                return np.asarray(img.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise ModelInputError(f"{where}: not a readable JPEG/PNG image ({err})") from None
-    pixels = np.asarray(item)
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, axis=2)
-    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4) or min(pixels.shape[:2]) < 1:
-        raise ModelInputError(f"{where}: pixels must be H×W×3 (or H×W), got shape {pixels.shape}")
-    pixels = pixels[..., :3]
-    if pixels.dtype.kind == "f":
-        scale = 255.0 if pixels.size and pixels.max() <= 1.0 else 1.0
-        pixels = np.clip(pixels * scale + (0.5 if scale > 1 else 0.0), 0, 255)
-    return pixels.astype(np.uint8)
-
-
-def model_input_images(model_input: Any) -> list[np.ndarray]:
-    """The images of a pyfunc input: a DataFrame with an `image` (bytes) or `pixels` (array) column, a dict of
-    such lists, a list of bytes/arrays, or one array (H×W×3) or a batch of them (B×H×W×3)."""
-    import pandas as pd
-
-    if isinstance(model_input, dict):
-        model_input = pd.DataFrame({k: list(v) for k, v in model_input.items()})
-    if isinstance(model_input, pd.DataFrame):
-        columns = [c for c in ("image", "pixels") if c in model_input.columns]
-        if not columns:
-            raise ModelInputError(f"input has columns {list(model_input.columns)}; expected 'image' (JPEG/PNG "
-                                  "bytes, base64 in JSON) or 'pixels' (H×W×3 arrays)")
-        images = []
-        for i, row in enumerate(model_input[columns].itertuples(index=False)):
-            values = [v for v in row if v is not None and not (isinstance(v, float) and np.isnan(v))]
-            if len(values) != 1:
-                raise ModelInputError(f"row {i}: give exactly one of 'image' or 'pixels'")
-            images.append(decode_image(values[0], f"row {i}"))
-        return images
-    if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
-        return [decode_image(x, f"image {i}") for i, x in enumerate(model_input)]
-    if isinstance(model_input, np.ndarray) and model_input.ndim in (2, 3):
-        return [decode_image(model_input)]
-    if isinstance(model_input, (list, tuple)):
-        return [decode_image(x, f"image {i}") for i, x in enumerate(model_input)]
-    raise ModelInputError(f"cannot read images from a {type(model_input).__name__}; expected a DataFrame "
-                          "with an 'image' or 'pixels' column, a list of images, or an array")
-
-
-def resize_for_model(image: np.ndarray, size: int) -> torch.Tensor:
-    """H×W×3 uint8 → 3×S×S float in [0,1], resized exactly as the training loader resizes."""
-    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-    return torch.from_numpy(resized.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-# ---- predictors (the model class comes from our package) ----
-
-@dataclass
-class _Predictor:
-    """A loaded model in eval mode with its config, classes and input size."""
-    model: torch.nn.Module
-    cfg: Config
-    classes: list[str]
-
-    def __post_init__(self) -> None:
-        self.model.eval()
-        self.image_size = self.cfg.data.image_size
-
-
-@dataclass
-class SegmenterPredictor(_Predictor):
-    """The segmenter, and the frozen g with the preserve gate's threshold when the gate is on."""
-    g: torch.nn.Module | None = None
-    gate_threshold: float = 0.0
-    kind: str = "segmenter"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.gate_threshold > 0 and self.g is None:
-            raise ValueError(f"the preserve gate (threshold {self.gate_threshold}) needs the frozen classifier g; "
-                             "none was given")
-        if self.g is not None:
-            self.g.eval()
-
-    @torch.no_grad()
-    def segment(self, images: list[np.ndarray], probabilities: bool = False,
-                batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
-        """Per image {"mask": H×W uint8 labels} (and "probabilities": (C+1)×H×W, label 0 = background) at
-        the image's own size, predicted as `wsssrec eval` predicts (flip, `eval.fg_threshold`): resized to the
-        model's size, logits resized back bilinearly, then labelled. With the preserve gate on, g scores each
-        class region at the model's size; a dropped class's pixels become background, and its probability
-        moves to the background's."""
-        C = len(self.classes)
-        fg_threshold = self.cfg.eval.fg_threshold
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            batch = torch.stack([resize_for_model(img, self.image_size) for img in chunk])
-            logits = mask_logits(self.model, batch, self.cfg.eval.flip)
-            scores = torch.full((len(chunk), C), float("nan"))  # NaN: no region to gate
-            if self.gate_threshold > 0:
-                scores = preserve_scores(self.g, batch, self.model.predict_labels(logits, fg_threshold), C,
-                                         self.cfg.objective)
-            dropped = scores < self.gate_threshold  # NaN compares False
-            for i, img in enumerate(chunk):
-                full = F.interpolate(logits[i:i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
-                labels = apply_gate(self.model.predict_labels(full, fg_threshold), scores[i:i + 1],
-                                    self.gate_threshold)
-                row = {"mask": labels[0].numpy().astype(np.uint8)}
-                if probabilities:
-                    comp = torch.softmax(full[0], dim=0)  # K components: the first C are the classes
-                    probs = torch.cat([comp[C:].sum(0, keepdim=True), comp[:C]])
-                    for c in dropped[i].nonzero().flatten().tolist():
-                        probs[0] += probs[c + 1]
-                        probs[c + 1] = 0
-                    row["probabilities"] = probs.numpy()
-                out.append(row)
-        return out
-
-
-@dataclass
-class ClassifierPredictor(_Predictor):
-    kind: str = "classifier"
-
-    @torch.no_grad()
-    def classify(self, images: list[np.ndarray], batch_size: int = BATCH_SIZE) -> list[dict[str, np.ndarray]]:
-        """Per image {"probabilities": σ(g(image)) over the C classes}."""
-        out = []
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([resize_for_model(img, self.image_size) for img in images[start:start + batch_size]])
-            out += [{"probabilities": p.numpy()} for p in torch.sigmoid(self.model(batch))]
-        return out
-
+# ---- a model folder → a predictor ----
 
 def load_data_dir(data_dir: str | Path) -> SegmenterPredictor | ClassifierPredictor:
     """A predictor from a model's `data` folder: wsssrec.json says which network, the weights are tensors."""
@@ -187,11 +34,7 @@ def load_data_dir(data_dir: str | Path) -> SegmenterPredictor | ClassifierPredic
         raise FileNotFoundError(f"{data_dir} is not the data folder of a wsssrec model (no {META_FILE})")
     meta = json.loads(meta_path.read_text())
     weights = data_dir / meta["weights"]
-    from .weights import load_classifier
-
     if meta["kind"] == "segmenter":
-        from .weights import load_segmenter
-
         model, cfg, classes = load_segmenter(weights)
         cfg = replace(cfg, eval=config_from_dict(meta["config"], strict=False).eval)  # as registered and scored
         gate = meta.get("gate")

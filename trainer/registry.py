@@ -1,174 +1,22 @@
 """The MLflow model registry: register g (`wsssrec-classifier`) and the segmenter (`wsssrec-segmenter`) with
 their lineage (config, metrics, data manifest and its hash, g's registry URI and version, git revision),
-promote a version to an alias, list versions, and turn `models:/...` or `runs:/...` URIs into local model
-folders with errors that name the model, the alias and the server."""
+promote a version to an alias and list versions. Model URIs are resolved in `model_uri`."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import shutil
-import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .tracking import TrackingError, connect, manifest_fingerprint, module_tracking_uri, tracking_uri
+from .loop import StageResult
+from .model_uri import RegistryError, file_sha256, resolve
+from .tracking import connect, manifest_fingerprint, tracking_uri
 
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
 METRIC_TAG_PREFIX = "metric."
 
-
-class RegistryError(TrackingError):
-    """A model URI that does not resolve: unknown model, version or alias."""
-
-
-def is_model_uri(text: str) -> bool:
-    return text.startswith(("models:/", "runs:/"))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass
-class ModelRef:
-    """A model URI resolved against the registry: `canonical` names one immutable version."""
-    uri: str
-    canonical: str
-    name: str | None = None
-    version: str | None = None
-    run_id: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def _not_found(err: Exception) -> bool:
-    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower()
-
-
-def resolve(client, uri: str, where: str) -> ModelRef:
-    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME/latest`, `models:/m-<id>` or
-    `runs:/RUN/PATH` → one model version (RegistryError naming what is missing otherwise). `where` is the
-    server's URI, for the messages."""
-    from mlflow.exceptions import MlflowException
-
-    if uri.startswith("runs:/"):
-        run_id = uri[len("runs:/"):].split("/", 1)[0]
-        try:
-            client.get_run(run_id)
-        except MlflowException as err:
-            if not _not_found(err):
-                raise
-            raise RegistryError(f"{uri}: no run {run_id!r} on the tracking server {where}") from None
-        return ModelRef(uri, uri, run_id=run_id)
-    match = MODEL_URI.match(uri)
-    if not match:
-        raise RegistryError(f"{uri!r} is not a model URI; expected models:/NAME@ALIAS, models:/NAME/VERSION, "
-                            "runs:/RUN_ID/PATH or a local path")
-    name, alias, version = match["name"], match["alias"], match["version"]
-    if name.startswith("m-") and not alias and not version:  # a logged model id (MLflow 3)
-        try:
-            logged = client.get_logged_model(name)
-        except MlflowException as err:
-            if not _not_found(err):
-                raise
-            raise RegistryError(f"{uri}: no logged model {name!r} on {where}") from None
-        return ModelRef(uri, uri, run_id=logged.source_run_id, tags=dict(logged.tags))
-    try:
-        registered = client.get_registered_model(name)
-    except MlflowException as err:
-        if not _not_found(err):
-            raise
-        known = sorted(m.name for m in client.search_registered_models(max_results=100))
-        raise RegistryError(f"{uri}: no registered model {name!r} in the registry at {where} (registered: "
-                            f"{', '.join(known) or 'none'})") from None
-    try:
-        if alias:
-            mv = client.get_model_version_by_alias(name, alias)
-        elif version in (None, "latest"):
-            versions = client.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise RegistryError(f"{uri}: model {name!r} has no versions yet")
-            mv = max(versions, key=lambda v: int(v.version))
-        else:
-            mv = client.get_model_version(name, version)
-    except MlflowException as err:
-        if not _not_found(err):
-            raise
-        if alias:
-            aliases = ", ".join(f"{a} → v{v}" for a, v in sorted(registered.aliases.items())) or "none"
-            raise RegistryError(f"{uri}: model {name!r} has no alias {alias!r} (aliases: {aliases}); set one with "
-                                f"`wsssrec registry promote {name} VERSION --alias {alias}`") from None
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        raise RegistryError(f"{uri}: model {name!r} has no version {version!r} (versions: "
-                            f"{', '.join(map(str, versions)) or 'none'})") from None
-    return ModelRef(uri, f"models:/{name}/{mv.version}", name=name, version=str(mv.version), run_id=mv.run_id,
-                    tags=dict(mv.tags))
-
-
-def download(uri: str, dst: str | Path, uri_of_server: str | None = None) -> tuple[ModelRef, Path]:
-    """Resolve `uri` and download that exact version's model folder into `dst` (replaced atomically, so
-    concurrent ranks never see half a folder). Returns the reference and the folder."""
-    import mlflow
-
-    where = uri_of_server or tracking_uri()
-    client = connect(where)
-    ref = resolve(client, uri, where)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        try:
-            with module_tracking_uri(where):
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.canonical, dst_path=str(staging),
-                                                                 tracking_uri=where, registry_uri=where))
-        except Exception as err:  # noqa: BLE001 - name the model and the server, not a stack of retries
-            raise TrackingError(f"downloading {uri} ({ref.canonical}) from {where} failed: {err}") from err
-        if dst.exists():
-            shutil.rmtree(dst, ignore_errors=True)
-        os.replace(local, dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return ref, dst
-
-
-def load_predictor(uri: str, cache_dir: str | Path | None = None):
-    """A segmenter or classifier predictor from a registry/run URI, a downloaded model folder, or a local
-    checkpoint file (segmenter.pt); weights always load with weights_only=True."""
-    from .pyfunc import SegmenterPredictor, load_model_dir
-
-    path = Path(uri)
-    if not is_model_uri(uri):
-        if path.is_dir():
-            return load_model_dir(path)
-        if path.is_file():
-            from .weights import load_segmenter
-
-            model, cfg, classes = load_segmenter(path)
-            if cfg.eval.gate_threshold <= 0:
-                return SegmenterPredictor(model, cfg, classes)
-            from .weights import load_frozen_g  # the gate's g: the checkpoint config's classifier.checkpoint
-
-            _, g = load_frozen_g(cfg, len(classes))
-            return SegmenterPredictor(model, cfg, classes, g=g, gate_threshold=cfg.eval.gate_threshold)
-        raise FileNotFoundError(f"model {uri} is neither a models:/ or runs:/ URI nor an existing checkpoint "
-                                "or model folder")
-    if cache_dir:
-        _, local = download(uri, Path(cache_dir) / "model")
-        return load_model_dir(local)
-    with tempfile.TemporaryDirectory(prefix="wsssrec-model-") as tmp:  # weights are read into memory
-        _, local = download(uri, Path(tmp) / "model")
-        return load_model_dir(local)
-
-
-# ---- registering ----
 
 def lineage_tags(cfg: Config, kind: str, weights: Path, g_lineage: dict[str, str] | None = None) -> dict[str, str]:
     from .files import git_revision
@@ -202,63 +50,6 @@ def find_version_by_weights(client, name: str, digest: str):
     except MlflowException:
         return None
     return max(versions, key=lambda v: int(v.version)) if versions else None
-
-
-def resolve_classifier(cfg: Config) -> dict[str, str]:
-    """`classifier.checkpoint=models:/NAME@ALIAS` (or /VERSION, runs:/...): download g's weights into the run
-    folder and point the config at them; returns g's lineage tags (URI asked for, version, hash). A local
-    path is left as it is (empty lineage: `classifier_lineage` finds it in the registry by hash later)."""
-    from .files import run_dir
-
-    uri = cfg.classifier.checkpoint
-    if not is_model_uri(uri):
-        return {}
-    where = tracking_uri(cfg)
-    ref = resolve(connect(where), uri, where)
-    tag = f"{ref.name}-v{ref.version}" if ref.version else hashlib.sha1(uri.encode()).hexdigest()[:12]
-    target = run_dir(cfg) / "registry" / tag
-    weights = target / "data" / "classifier.pt"
-    if not weights.is_file() or file_sha256(weights) != ref.tags.get("weights_sha256", file_sha256(weights)):
-        _, target = download(ref.canonical, target, where)
-    if not weights.is_file():
-        raise RegistryError(f"{uri} ({ref.canonical}) is not a wsssrec classifier: no data/classifier.pt in it")
-    cfg.classifier.checkpoint = str(weights)
-    print(f"g from the registry: {uri} → {ref.canonical} ({weights})")
-    return {"classifier.model_uri": ref.canonical, "classifier.model_uri_requested": uri,
-            "classifier.model_version": ref.version or "", "classifier.weights_sha256": file_sha256(weights)}
-
-
-def resolve_init_from(cfg: Config) -> dict[str, str]:
-    """`model.init_from=models:/NAME@ALIAS` (or /VERSION, runs:/...): download that segmenter into the run
-    folder and point the config at its segmenter.pt; a local path must exist. Returns the lineage the run and
-    the registered model record: the URI asked for, the resolved version and its run, the weights' hash."""
-    from .config import ConfigError
-    from .files import run_dir
-
-    uri = cfg.model.init_from
-    if not uri:
-        return {}
-    if not is_model_uri(uri):
-        if not Path(uri).is_file():
-            raise ConfigError(f"model.init_from = {uri!r}: no such segmenter checkpoint (expected a segmenter.pt "
-                              "path or a models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ URI)")
-        return {"init_from": uri, "init_from.weights_sha256": file_sha256(uri)}
-    where = tracking_uri(cfg)
-    ref = resolve(connect(where), uri, where)
-    tag = f"{ref.name}-v{ref.version}" if ref.version else hashlib.sha1(uri.encode()).hexdigest()[:12]
-    target = run_dir(cfg) / "registry" / f"init-{tag}"
-    weights = target / "data" / "segmenter.pt"
-    if not weights.is_file() or file_sha256(weights) != ref.tags.get("weights_sha256", file_sha256(weights)):
-        _, target = download(ref.canonical, target, where)
-    if not weights.is_file():
-        raise RegistryError(f"model.init_from {uri} ({ref.canonical}) is not a wsssrec segmenter: no "
-                            "data/segmenter.pt in it")
-    cfg.model.init_from = str(weights)
-    print(f"init_from: {uri} → {ref.canonical} ({weights})")
-    lineage = {"init_from": uri, "init_from.model_uri": ref.canonical, "init_from.model_version": ref.version,
-               "init_from.run_id": ref.run_id, "init_from.weights_sha256": file_sha256(weights)}
-    return {k: v for k, v in lineage.items() if v}  # a version registered from a file has no run
-
 
 def register(cfg: Config, kind: str, weights: str | Path, classes: list[str], run_id: str | None,
              metrics: dict[str, float] | None = None, g_lineage: dict[str, str] | None = None,
@@ -316,22 +107,14 @@ def register_file(weights: str | Path, alias: str | None = None, uri: str | None
                   classifier: str | None = None):
     """Register a segmenter.pt written earlier (its stored config and classes; g's lineage from `classifier`
     or the stored classifier.checkpoint, registered too when the registry does not hold it yet)."""
-    import torch
+    from .weights import read_segmenter_file
 
-    from .config import config_from_dict
-
-    weights = Path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"segmenter checkpoint {weights} does not exist")
-    blob = torch.load(weights, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or "config" not in blob or "classes" not in blob:
-        raise RegistryError(f"{weights} is not a wsssrec segmenter.pt (no stored config and classes)")
-    cfg = config_from_dict(blob["config"], strict=False)
-    cfg.mlflow.tracking_uri = uri or tracking_uri()
-    g_path = Path(classifier or cfg.classifier.checkpoint)
-    cfg.classifier.checkpoint = str(g_path)  # g's lineage, and the preserve gate's g when the gate is on
+    stored = read_segmenter_file(weights)
+    g_path = Path(classifier or stored.config.classifier.checkpoint)
+    cfg = replace(stored.config, mlflow=replace(stored.config.mlflow, tracking_uri=uri or tracking_uri()),
+                  classifier=replace(stored.config.classifier, checkpoint=str(g_path)))  # also the gate's g
     g_lineage = ensure_classifier_registered(cfg, g_path) if g_path.is_file() else {}
-    return register(cfg, "segmenter", weights, list(blob["classes"]), None, g_lineage=g_lineage, alias=alias)
+    return register(cfg, "segmenter", stored.path, stored.classes, None, g_lineage=g_lineage, alias=alias)
 
 
 def promote(name: str, version: str, alias: str, uri: str | None = None) -> str:
@@ -384,48 +167,25 @@ def format_versions(rows: list[dict[str, Any]]) -> str:
                      f"{row['run_id'][:12]:<12} {g or '-':<28} {key_metrics(tags)}")
     return "\n".join(lines)
 
+# ---- glue for the drivers: one stage's result → one registered version ----
 
-# ---- glue for the CLI: one stage's run → one registered version ----
-
-def stage_run_name(cfg: Config, stage: str) -> str:
-    """The run name the stages give their MLflow runs (`<run_name>-classifier|segmenter|eval`)."""
-    return f"{cfg.train.run_name or 'run'}-{stage}"
-
-
-def forget_stage_run(cfg: Config, stage: str) -> None:
-    """Drop the run record an earlier command left, so a stage's record is always this command's run."""
-    from .tracking import run_record_path
-
-    run_record_path(cfg, stage_run_name(cfg, stage)).unlink(missing_ok=True)
-
-
-def stage_run_id(cfg: Config, stage: str) -> str | None:
-    from .tracking import read_run_record
-
-    record = read_run_record(cfg, stage_run_name(cfg, stage))
-    return record["run_id"] if record else None
-
-
-def register_stage(cfg: Config, kind: str, weights: str | Path, g_lineage: dict[str, str] | None = None,
-                   eval_run_id: str | None = None, alias: str | None = None):
-    """Register what stage `kind` just wrote, linked to its run; a segmenter also carries g's lineage and,
-    given `eval_run_id`, the evaluation metrics (segmenter and g on every split)."""
-    from .weights import classifier_path
+def register_stage(cfg: Config, result: StageResult, eval_run_id: str | None = None, alias: str | None = None):
+    """Register what a stage made, linked to its run; a segmenter also carries g's lineage (and its
+    `model.init_from`) and, given `eval_run_id`, the evaluation metrics (segmenter and g on every split)."""
     from .data import dataset_classes
+    from .weights import classifier_path
 
-    where = tracking_uri(cfg)
-    client = connect(where)
+    client = connect(tracking_uri(cfg))
     metrics: dict[str, float] = {}
-    if kind == "segmenter":
-        g_lineage = classifier_lineage(client, cfg, classifier_path(cfg), g_lineage)
-        init_record = Path(weights).parent / "init_from.json"  # written by a run started with model.init_from
-        if cfg.model.init_from and init_record.is_file():
-            g_lineage = {**g_lineage, **json.loads(init_record.read_text())["lineage"]}
+    lineage = dict(result.lineage)
+    if result.stage == "segmenter":
+        g_keys = {k: v for k, v in lineage.items() if k.startswith("classifier.")}
+        lineage.update(classifier_lineage(client, cfg, classifier_path(cfg), g_keys))
         if eval_run_id:
             metrics = {k: v for k, v in client.get_run(eval_run_id).data.metrics.items()
                        if "/method/" in k or "/g_" in k or "/CAM/miou" in k}
-    return register(cfg, kind, weights, dataset_classes(cfg), stage_run_id(cfg, kind), metrics=metrics,
-                    g_lineage=g_lineage, alias=alias)
+    return register(cfg, result.stage, result.weights, dataset_classes(cfg), result.run_id, metrics=metrics,
+                    g_lineage=lineage, alias=alias)
 
 
 def ensure_classifier_registered(cfg: Config, weights: Path, alias: str | None = None) -> dict[str, str]:
@@ -440,34 +200,3 @@ def ensure_classifier_registered(cfg: Config, weights: Path, alias: str | None =
         lineage.update({"classifier.model_uri": f"models:/{mv.name}/{mv.version}",
                         "classifier.model_version": str(mv.version)})
     return lineage
-
-
-def export_sample_images(cfg: Config, out: Path, count: int = 8) -> Path:
-    """A few images of the last evaluation split as plain JPEGs, so the printed predict command runs as is."""
-    from data_shards.loader import raw_samples
-    from data_shards.manifest import read_manifest
-
-    out.mkdir(parents=True, exist_ok=True)
-    split = read_manifest(cfg.data.url).split(cfg.eval.splits[-1])
-    written = 0
-    for shard in split.shards:
-        for sample in raw_samples(shard):
-            if written >= count:
-                return out
-            (out / f"{sample['__key__'].replace('/', '_')}.jpg").write_bytes(sample["jpg"])
-            written += 1
-    return out
-
-
-def predict_hint(cfg: Config, version) -> str:
-    """The command that segments images with the segmenter the demo just registered."""
-    from .files import run_dir
-
-    samples = export_sample_images(cfg, run_dir(cfg) / "sample_images")
-    uri = tracking_uri(cfg)
-    env = "" if uri == "sqlite:///mlflow.db" else f"MLFLOW_TRACKING_URI={uri} "
-    script = Path(sys.executable).parent / "wsssrec"  # `make demo` runs from .venv, which may not be on PATH
-    command = "wsssrec" if shutil.which("wsssrec") == str(script) or not script.exists() else os.path.relpath(script)
-    return (f"segmenter registered as models:/{version.name}/{version.version} with alias champion; segment "
-            f"images with it:\n  {env}{command} predict --model models:/{version.name}@champion --images {samples} "
-            f"--out {run_dir(cfg) / 'predicted'}")

@@ -13,13 +13,13 @@ from .checkpoint import Checkpointer
 from .config import Config, ConfigError
 from .data import dataset_classes, resumable_batches
 from .engine import deepspeed_config, make_engine, zero_stage
-from .files import write_json
-from .loop import StepMeter, start_stage
-from .losses import objective
+from .files import stage_run_name, write_json
+from .loop import StageResult, StepMeter, start_stage
+from .model_uri import is_model_uri
 from .models import Segmenter, count_parameters
-from .tracking import Tracker
-from .weights import (build_segmenter, init_from_checkpoint, load_frozen_g, save_segmenter,
-                      segmenter_path)
+from .objectives import objective
+from .tracker import Tracker
+from .weights import build_segmenter, init_from_checkpoint, load_frozen_g, save_segmenter, segmenter_path
 
 
 def start_from(model: Segmenter, cfg: Config, lineage: dict[str, str], out: Path) -> dict[str, str]:
@@ -46,40 +46,50 @@ def unfreeze_encoder(model: Segmenter, optimizer, lr: float) -> None:
     optimizer.add_param_group({"params": list(model.encoder.parameters()), "lr": lr * 0.1})
 
 
-def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iterator[dict] | None = None,
-                    init_lineage: dict[str, str] | None = None) -> Path:
-    """Train f_m and f_x; returns the path of segmenter.pt. `batches` replaces this rank's training stream
-    (tests use it to fix the data order across world sizes); `init_lineage` is what `resolve_init_from` said
-    about `model.init_from`."""
-    rank, world, out = start_stage(cfg)
-    classes = dataset_classes(cfg)
-    g_net, g = load_frozen_g(cfg, len(classes))  # g stays outside the engine: frozen, eval mode, unsharded
+def build_models(cfg: Config, classes: list[str], lineage: dict[str, str], out: Path):
+    """g (frozen, outside the engine: eval mode, unsharded) and the segmenter around its trunk, started from
+    `model.init_from` when set (a local file: drivers resolve registry URIs). Returns model, g, init tags."""
+    if is_model_uri(cfg.model.init_from):
+        raise ConfigError(f"model.init_from = {cfg.model.init_from!r} is a registry URI: resolve it first "
+                          "(model_uri.resolve_init_from), as `wsssrec train`, the demo and sweep trials do")
+    g_net, g = load_frozen_g(cfg, len(classes))
     model = build_segmenter(cfg, len(classes), g_net)
     model.check_size(cfg.data.image_size, cfg.data.image_size)
-    init_tags = {}
-    if cfg.model.init_from:
-        from .registry import is_model_uri, resolve_init_from
+    init_lineage = {k: v for k, v in lineage.items() if k.startswith("init_from")}
+    init_tags = start_from(model, cfg, init_lineage, out) if cfg.model.init_from else {}
+    return model, g, init_tags
 
-        if is_model_uri(cfg.model.init_from):  # `wsssrec train` resolves it before; demo and sweeps get here
-            init_lineage = resolve_init_from(cfg)
-        init_tags = start_from(model, cfg, init_lineage, out)
-    ds_config = deepspeed_config(cfg, cfg.data.batch_size)
-    unfreeze_step = cfg.model.encoder_unfreeze_step if hasattr(model.encoder, "set_trainable") else -1
-    if unfreeze_step >= 0 and (zero_stage(ds_config) > 0 or cfg.train.bf16):
+
+def encoder_unfreeze_step(cfg: Config, model: Segmenter, ds_config: dict) -> int:
+    """The step at which the pretrained encoder starts to train (-1: never)."""
+    step = cfg.model.encoder_unfreeze_step if hasattr(model.encoder, "set_trainable") else -1
+    if step >= 0 and (zero_stage(ds_config) > 0 or cfg.train.bf16):
         raise ConfigError("model.encoder_unfreeze_step needs ZeRO stage 0 without bf16 (ZeRO flattens the "
                           "optimizer's parameter groups at the start); use model.encoder_trainable=true instead")
+    return step
+
+
+def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iterator[dict] | None = None,
+                    lineage: dict[str, str] | None = None) -> StageResult:
+    """Train f_m and f_x; returns segmenter.pt and the run. `batches` replaces this rank's training stream
+    (tests use it to fix the data order across world sizes); `lineage` holds what the driver's URI resolution
+    said about g and `model.init_from` (`model_uri.resolve_classifier`, `resolve_init_from`)."""
+    lineage = dict(lineage or {})
+    rank, world, out = start_stage(cfg)
+    classes = dataset_classes(cfg)
+    model, g, init_tags = build_models(cfg, classes, lineage, out)
+    ds_config = deepspeed_config(cfg, cfg.data.batch_size)
+    unfreeze_step = encoder_unfreeze_step(cfg, model, ds_config)
     checkpoints = Checkpointer(out / "checkpoints", cfg.train.resume, cfg.train.checkpoint_every,
                                cfg.train.keep_last, cfg.train.seed, ds_config)
     engine, optimizer = make_engine(model, cfg.train.lr, ds_config, zero3_shared_master=cfg.train.zero3_shared_master)
     if checkpoints.resume_from and 0 <= unfreeze_step < checkpoints.resume_from.step:
         unfreeze_encoder(model, optimizer, cfg.train.lr)  # the saved optimizer state has that group
     state = checkpoints.restore(engine)
-    accum = ds_config["gradient_accumulation_steps"]
-    micro = cfg.data.batch_size
+    accum, micro = ds_config["gradient_accumulation_steps"], cfg.data.batch_size
     if batches is None:
         batches = resumable_batches(cfg, seed=cfg.train.seed + 1, batch_size=micro, samples_seen=state.samples)
-    tracker = Tracker(cfg, f"{cfg.train.run_name or 'run'}-segmenter", active=rank == 0,
-                      parent_run_id=parent_run_id)
+    tracker = Tracker(cfg, stage_run_name(cfg, "segmenter"), active=rank == 0, parent_run_id=parent_run_id)
     tracker.set_tags({"trainable_parameters": count_parameters(model, True),
                       "parameters": count_parameters(model), "world_size": world,
                       "zero_stage": zero_stage(ds_config), "global_batch": micro * accum * world, **init_tags})
@@ -87,22 +97,14 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
         tracker.log_artifact(out / "init_from.json")
     engine.train()
     g.train()  # a no-op by construction: g stays in eval mode
+    meter = StepMeter(state, micro * accum, world, "train")
     bar = tqdm(range(state.step, cfg.train.steps), desc="stage 2: segmenter", disable=rank != 0,
                dynamic_ncols=True, initial=state.step, total=cfg.train.steps)
-    meter, record = StepMeter(state, micro * accum, world, "train"), {}
+    record = {}
     for step in bar:
         if step == unfreeze_step:
             unfreeze_encoder(model, optimizer, cfg.train.lr)
-        sums: dict[str, float] = {}
-        for _ in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
-            batch = next(batches)
-            images, labels = batch["image"], batch["labels"]
-            terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step)
-            engine.backward(terms["loss"])
-            engine.step()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.item() / accum
-        record = meter.step(sums)  # means over ranks; advances step, data position and loss history
+        record = meter.step(train_step(engine, g, cfg, batches, accum, step))  # means over ranks
         bar.set_postfix(loss=f"{record['train/loss']:.4f}", img_s=f"{record['train/images_per_s']:.1f}")
         if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
             tracker.log_metrics(record, step)
@@ -111,15 +113,33 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     state_dict = checkpoints.finish(engine, state)  # final checkpoint; every rank gathers, rank 0 gets it
     path = segmenter_path(cfg)
     if rank == 0:
-        seconds = time.time() - meter.start
         save_segmenter(state_dict, cfg, classes, path)
-        write_json(out / "train_history.json", {
-            "loss": state.history, "seconds": seconds, "world_size": world,
-            "images_per_s": record.get("train/images_per_s"),
-            "images_per_s_per_rank": record.get("train/images_per_s_rank")})
-        tracker.log_artifact(out / "config.yaml")
-        tracker.finish()
-        speed = (f", {record['train/images_per_s']:.1f} img/s total, {record['train/images_per_s_rank']:.1f} "
-                 f"per rank × {world}") if record else ""
-        print(f"stage 2 done: segmenter saved to {path} ({seconds:.0f} s{speed})")
-    return path
+        finish_run(out, tracker, state, record, time.time() - meter.start, world, path)
+    return StageResult("segmenter", path, tracker.run_id, lineage)
+
+
+def train_step(engine, g, cfg: Config, batches: Iterator[dict], accum: int, step: int) -> dict[str, float]:
+    """One optimizer step over `accum` micro-batches (DeepSpeed steps on the last); the terms' means."""
+    sums: dict[str, float] = {}
+    for _ in range(accum):
+        batch = next(batches)
+        images, labels = batch["image"], batch["labels"]
+        terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step)
+        engine.backward(terms["loss"])
+        engine.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.item() / accum
+    return sums
+
+
+def finish_run(out: Path, tracker: Tracker, state, record: dict, seconds: float, world: int, path: Path) -> None:
+    """Rank 0 after the last step: the loss history and speed on disk, the config to MLflow, one line."""
+    write_json(out / "train_history.json", {
+        "loss": state.history, "seconds": seconds, "world_size": world,
+        "images_per_s": record.get("train/images_per_s"),
+        "images_per_s_per_rank": record.get("train/images_per_s_rank")})
+    tracker.log_artifact(out / "config.yaml")
+    tracker.finish()
+    speed = (f", {record['train/images_per_s']:.1f} img/s total, {record['train/images_per_s_rank']:.1f} "
+             f"per rank × {world}") if record else ""
+    print(f"stage 2 done: segmenter saved to {path} ({seconds:.0f} s{speed})")

@@ -60,7 +60,8 @@ def shared_classifier(cfg, sweep_dir: Path) -> tuple[str, dict[str, str]]:
     """(what trials set as classifier.checkpoint, g's lineage). A models:/ URI is pinned to its version; a
     path is used as it is; no checkpoint → stage 1 runs once here (and registers g when the config says so).
     With a remote tracking server trials pull a registered g by URI, so cluster nodes need no shared disk."""
-    from trainer.registry import classifier_lineage, is_model_uri, resolve
+    from trainer.model_uri import is_model_uri, resolve
+    from trainer.registry import classifier_lineage
     from trainer.tracking import connect, is_remote, tracking_uri
 
     where = tracking_uri(cfg)
@@ -71,7 +72,7 @@ def shared_classifier(cfg, sweep_dir: Path) -> tuple[str, dict[str, str]]:
                    "classifier.weights_sha256": ref.tags.get("weights_sha256", "")}
         if is_remote(where):
             return ref.canonical, lineage  # each trial pulls this exact version
-        from trainer.registry import download
+        from trainer.model_uri import download
 
         _, folder = download(ref.canonical, sweep_dir / "g-registry", where)  # once, for every trial
         return str(folder / "data" / "classifier.pt"), lineage

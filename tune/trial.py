@@ -69,14 +69,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from trainer.config import ObjectiveConfig, config_from_dict
     from trainer.files import run_dir
-    from trainer.registry import is_model_uri, resolve_classifier
+    from trainer.registry import resolve_classifier, resolve_init_from
     from trainer.train import train_segmenter
 
     from .validate import validation_metrics
 
-    cfg = config_from_dict(loop_config["cfg"])
-    if is_model_uri(cfg.classifier.checkpoint):
-        resolve_classifier(cfg)  # every rank needs g's weights as a local file
+    cfg, _ = resolve_classifier(config_from_dict(loop_config["cfg"]))  # every rank needs g's weights as a file
+    cfg, init_lineage = resolve_init_from(cfg)  # the same for model.init_from
     reference = ObjectiveConfig(**loop_config["reference_objective"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -90,7 +89,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             continue
         started = time.time()
         cfg.train.steps = end
-        segmenter = train_segmenter(cfg)
+        segmenter = train_segmenter(cfg, init_lineage=init_lineage).weights
         metrics: dict[str, Any] = {}
         if rank == 0:
             metrics = validation_metrics(cfg, segmenter, loop_config["split"], reference)

@@ -11,9 +11,9 @@ import torch
 
 from trainer.config import Config, ObjectiveConfig
 from trainer.data import dataset_classes, eval_batches, split_has_masks
-from trainer.gate import method_labels
-from trainer.losses import objective
+from trainer.inference import PredictSettings, predict_masks
 from trainer.metrics import SegmentationMeter
+from trainer.objectives import objective
 from trainer.weights import load_frozen_g, load_segmenter
 
 
@@ -55,8 +55,7 @@ def validation_metrics(cfg: Config, segmenter_path: str | Path, split: str,
         loss_sum += float(terms["loss"]) * images.shape[0]
         images_seen += images.shape[0]
         if has_masks:
-            pred = method_labels(model, images, flip=cfg.eval.flip, fg_threshold=cfg.eval.fg_threshold,
-                                 gate_threshold=cfg.eval.gate_threshold, g=g, objective=cfg.objective, net_out=out)
+            pred = predict_masks(model, images, PredictSettings.of(cfg.eval), g, cfg.objective, out).labels
             meter.update(pred, batch["mask"], labels.sum(1) > 0)
     metrics = {metric_key(split, "loss"): loss_sum / max(images_seen, 1)}
     if has_masks:

@@ -1,0 +1,147 @@
+"""The presets' objectives: each returns a dict of named loss terms (the functions of `losses`) and "loss",
+open_clip's way. For `preserve_delete` the terms and their weights are two tables: `LOSS_GROUPS` (the terms
+that are always on, summed as L = λ_c·L_cls + λ_m·L_mask + L_recon) and `OPTIONAL_TERMS` (computed only while
+their weight is on); `weighted_loss` sums both in one place. To add a term: a function in `losses`, a weight
+field in `ObjectiveConfig`, and one row here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+from operator import add
+from typing import Callable
+
+import torch
+
+from .config import ObjectiveConfig
+from .losses import (Classifier, L_absent, L_area, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_negative,
+                     L_paste, L_preserve, L_pseudo, L_recon, L_tv, classifier_rows, deleted, erase_schedule, fill_image,
+                     foreground, mask_lets, preserved, reconstruction)
+
+Terms = dict[str, torch.Tensor]
+
+
+def paper_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
+                    training: bool = True, segment=None, step: int | None = None) -> Terms:
+    """L = L_recon + λ_m·L_mask + λ_c·L_cls."""
+    M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
+    X = out["imagelets"]
+    I_hat = reconstruction(M, X)
+    V = X if cfg.cls_input == "imagelet" else I.unsqueeze(1).expand_as(X)
+    terms = {"L_recon": L_recon(I_hat, I), "L_mask": L_mask(M, y, cfg.area_target), "L_cls": L_cls(g, M, V, y)}
+    terms["loss"] = terms["L_recon"] + cfg.lambda_m * terms["L_mask"] + cfg.lambda_c * terms["L_cls"]
+    return terms
+
+
+# ---- preserve / delete: the tables ----
+
+# (scale, [(term, weight field)]): each group enters the loss as scale · Σ weight · term, in this order
+LOSS_GROUPS: tuple[tuple[str | None, tuple[tuple[str, str], ...]], ...] = (
+    ("lambda_c", (("L_preserve", "preserve_weight"), ("L_delete", "delete_weight"))),
+    ("lambda_m", (("L_area", "area_weight"), ("L_tv", "tv_weight"))),
+    (None, (("L_recon", "recon_weight"),)),
+)
+
+
+@dataclass(frozen=True)
+class OptionalTerm:
+    """A term computed only while `active`; it adds `weight · term` to the loss. `training`: only in a training
+    step, given the mask network (it runs the network again on altered images)."""
+    name: str
+    weight: Callable[[ObjectiveConfig, int | None], float]
+    active: Callable[[ObjectiveConfig, int | None], bool]
+    compute: Callable[..., torch.Tensor]  # (ctx: dict) → the term
+    training: bool = False
+
+
+OPTIONAL_TERMS: tuple[OptionalTerm, ...] = (
+    OptionalTerm("L_absent", lambda cfg, step: cfg.lambda_m * cfg.absent_weight,
+                 lambda cfg, step: cfg.absent_weight > 0, lambda ctx: L_absent(ctx["M"], ctx["y"])),
+    OptionalTerm("L_negative", lambda cfg, step: cfg.lambda_m * cfg.negative_weight,
+                 lambda cfg, step: cfg.negative_weight > 0, lambda ctx: L_negative(ctx["M_fg"], ctx["y"])),
+    OptionalTerm("L_paste", lambda cfg, step: cfg.paste_weight, lambda cfg, step: cfg.paste_weight > 0,
+                 lambda ctx: L_paste(ctx["segment"], ctx["I"], ctx["y"], ctx["M_classes"], ctx["C"]), training=True),
+    OptionalTerm("L_erase", lambda cfg, step: cfg.erase_weight * erase_schedule(cfg, step),
+                 lambda cfg, step: cfg.erase_weight > 0 and erase_schedule(cfg, step) > 0,
+                 lambda ctx: L_erase(ctx["segment"], ctx["g"] if ctx["cfg"].erase_gate else None, ctx["I"], ctx["y"],
+                                     ctx["M_fg"], ctx["fill"], ctx["C"], ctx["cfg"].erase_dilate), training=True),
+)
+
+
+def weighted_loss(terms: Terms, cfg: ObjectiveConfig, step: int | None) -> torch.Tensor:
+    """The one place the terms are weighed and summed: the groups of `LOSS_GROUPS`, then every optional term
+    present in `terms`, in table order."""
+    parts = []
+    for scale, members in LOSS_GROUPS:
+        group = reduce(add, [getattr(cfg, weight) * terms[name] for name, weight in members])
+        parts.append(getattr(cfg, scale) * group if scale else group)
+    parts += [term.weight(cfg, step) * terms[term.name] for term in OPTIONAL_TERMS if term.name in terms]
+    return reduce(add, parts)
+
+
+def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier,
+                              cfg: ObjectiveConfig, training: bool = True,
+                              segment: Callable[[torch.Tensor], dict] | None = None,
+                              step: int | None = None) -> Terms:
+    """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
+    + tv_weight·L_tv) + recon_weight·L_recon + λ_m·(absent_weight·L_absent + negative_weight·L_negative)
+    + paste_weight·L_paste + erase_weight·erase_schedule(step)·L_erase (paste and erase only while training,
+    given the mask network `segment`; L_erase only once its schedule has started).
+
+    For C classes the classifier terms work per tagged class on the class's own component (`classifier_rows`):
+    keeping only M_c must read as class c alone, removing M_c must remove class c and keep the others. L_tv is
+    summed over the class components, L_paste is checked class by class. For C = 1 every term is the binary
+    one unchanged."""
+    C = y.shape[1]
+    M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
+    M_fg = foreground(M, C)
+    fill = fill_image(I, cfg)
+    image, rows, keep_targets, delete_targets = classifier_rows(M, M_fg, y)
+    R = rows.shape[0]
+    I_rows, fill_rows = I[image], fill[image]
+    both = g(torch.cat([preserved(rows, I_rows, fill_rows), deleted(rows, I_rows, fill_rows)]))  # one pass
+    terms = {
+        "L_preserve": L_preserve(lambda _: both[:R], None, keep_targets),
+        "L_delete": (L_delete(lambda _: both[R:], None, delete_targets) if cfg.delete_untagged
+                     else L_delete_tagged(both[R:], keep_targets, delete_targets)),
+        "L_area": L_area(M_fg),
+        # per class component; C = 1 reads M_fg (= M_0) so gradients accumulate in the binary code's order
+        "L_tv": sum(L_tv(M_c, I, cfg.edge_aware_tv) for M_c in (M[:, :C].unbind(1) if C > 1 else [M_fg])),
+        "L_recon": L_recon(reconstruction(M, out["imagelets"]), I),
+    }
+    ctx = {"M": M, "M_fg": M_fg, "M_classes": M[:, :C] if C > 1 else M_fg, "I": I, "y": y, "g": g, "fill": fill,
+           "C": C, "cfg": cfg, "segment": segment}
+    for term in OPTIONAL_TERMS:
+        if term.active(cfg, step) and (not term.training or (training and segment is not None)):
+            terms[term.name] = term.compute(ctx)
+    terms["loss"] = weighted_loss(terms, cfg, step)
+    return terms
+
+
+# ---- the two-stage baseline ----
+
+@torch.no_grad()
+def _cam_pseudo_labels(g, I: torch.Tensor, y: torch.Tensor, threshold: float) -> torch.Tensor:
+    from .cam import cam_labels, cam_scores
+
+    return cam_labels(cam_scores(g, I, tags=y), threshold)
+
+
+def cam_pseudo_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g, cfg: ObjectiveConfig,
+                         training: bool = True, segment=None, step: int | None = None) -> Terms:
+    """The classic two-stage WSSS baseline: g's CAM, gated by the image-level tags and thresholded at
+    `cam_threshold`, is the pixel label the segmenter learns (no reconstruction, no classifier guidance)."""
+    terms = {"L_pseudo": L_pseudo(out["mask_logits"], _cam_pseudo_labels(g, I, y, cfg.cam_threshold), y.shape[1])}
+    terms["loss"] = terms["L_pseudo"]
+    return terms
+
+
+OBJECTIVES = {"paper": paper_objective, "preserve_delete": preserve_delete_objective,
+              "cam_pseudo": cam_pseudo_objective}
+
+
+def objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
+              training: bool = True, segment: Callable[[torch.Tensor], dict] | None = None,
+              step: int | None = None) -> Terms:
+    """The preset's objective. Every preset takes the training `step` (None outside a training loop); only
+    scheduled terms (preserve_delete's L_erase) read it."""
+    return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training, segment, step)
