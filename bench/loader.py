@@ -21,7 +21,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import torch  # noqa: E402
 
-from data_shards.loader import decode_sample, make_loader, raw_samples  # noqa: E402
+from data_shards.loader import LoaderOptions, decode_sample, make_loader, raw_samples  # noqa: E402
 from data_shards.manifest import read_manifest  # noqa: E402
 from data_shards.toy_birds import build_toy_birds  # noqa: E402
 from data_shards.writer import copy_dataset  # noqa: E402
@@ -30,10 +30,10 @@ BUCKET = "bench"
 
 
 def loader_rate(url: str, args, workers: int) -> float:
-    """Images/s over one training epoch, DataLoader start-up included (the trainer makes one per epoch)."""
+    """Images/s over one training epoch, DataLoader start-up included (the first epoch of a run pays it)."""
     start = time.perf_counter()
-    loader = make_loader(url, "train", image_size=args.size, batch_size=args.batch, train=True, seed=0,
-                         epoch=0, shuffle_buffer=512, num_workers=workers)
+    loader = make_loader(url, "train", LoaderOptions(image_size=args.size, batch_size=args.batch, train=True,
+                                                     seed=0, epoch=0, shuffle_buffer=512, num_workers=workers))
     images = sum(len(batch["key"]) for batch in loader)
     return images / (time.perf_counter() - start)
 

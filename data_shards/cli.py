@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from .manifest import DataError, read_manifest, url_sizes
+from .errors import DataError
+from .manifest import read_manifest, url_sizes
 
 
 def _toy(args: argparse.Namespace) -> None:

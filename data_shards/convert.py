@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .manifest import (MANIFEST_NAME, DataError, SplitInfo, join_url, read_manifest, relative_name, url_exists,
-                       write_manifest)
+from .errors import DataError
+from .manifest import MANIFEST_NAME, SplitInfo, join_url, read_manifest, relative_name, url_exists, write_manifest
 from .writer import ShardWriter, encode_jpeg, encode_mask_png, make_sample
 
 VOC_CLASSES = [

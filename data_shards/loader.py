@@ -19,6 +19,7 @@ import multiprocessing
 import random
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,7 +27,9 @@ import webdataset as wds
 from PIL import Image
 
 from . import s3
-from .manifest import DataError, read_manifest
+from .augment import pad_batch, random_scale_crop
+from .errors import DataError
+from .manifest import read_manifest
 
 log = logging.getLogger(__name__)
 s3.register_with_webdataset()  # at import, so DataLoader workers (forked or spawned) have it too
@@ -34,6 +37,49 @@ s3.register_with_webdataset()  # at import, so DataLoader workers (forked or spa
 SKIP_REASONS = ("tar", "missing", "image", "json", "mask")
 SAMPLING_MODES = ("exact", "resampled")
 BALANCE_MODES = ("pad", "drop")
+RESIZE_MODES = ("square", "crop")
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How one split is read. Train mode: `sampling="exact"` reads each sample once per epoch, then
+    `balance="pad"` tops every reader up to the longest one with flagged repeats or `"drop"` cuts every
+    reader to the shortest; `"resampled"` draws shards with replacement, `samples // (batch_size x ranks x
+    workers)` batches per worker. `num_workers` must match the DataLoader's, so the train epoch length comes
+    out right. `shard_by_rank` (default: in train mode only) gives each rank its own shards; off, every rank
+    reads the whole split (evaluation on rank 0). `epoch` is the first epoch; `set_epoch` moves on.
+
+    `resize="square"` (the toy sets) resizes every image to image_size x image_size. `resize="crop"` (real
+    photos): training takes a random scale in `scale_range` and a random image_size x image_size crop,
+    padded where the scaled image is smaller (batch["valid"] is False there, the ignore region); evaluation
+    keeps every image at its own size (see `collate`)."""
+    image_size: int
+    batch_size: int
+    train: bool
+    seed: int = 0
+    epoch: int = 0
+    shuffle_buffer: int = 1000
+    hflip: bool | None = None  # default: in train mode only
+    num_workers: int = 0
+    sampling: str = "exact"
+    balance: str = "pad"
+    shard_by_rank: bool | None = None
+    resize: str = "square"
+    scale_range: tuple[float, float] = (0.5, 2.0)
+
+    def __post_init__(self):
+        _positive_int("image_size", self.image_size)
+        _positive_int("batch_size", self.batch_size)
+        for name, value, allowed in (("sampling", self.sampling, SAMPLING_MODES),
+                                     ("balance", self.balance, BALANCE_MODES),
+                                     ("resize", self.resize, RESIZE_MODES)):
+            if value not in allowed:
+                raise DataError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.sampling == "resampled" and not self.train:
+            raise DataError("sampling='resampled' is for training; evaluation reads every sample once (exact)")
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise DataError(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range!r}")
 
 
 class SampleError(Exception):
@@ -87,8 +133,9 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def decode_sample(sample: dict, *, image_size: int, num_classes: int, with_mask: bool, flip: bool) -> dict:
-    """Raw shard sample -> {"image": uint8 S x S x 3, "labels", "mask"?, "key", "meta"}."""
+def decode_sample(sample: dict, *, image_size: int | None, num_classes: int, with_mask: bool, flip: bool) -> dict:
+    """Raw shard sample -> {"image": uint8 S x S x 3, "labels", "mask"?, "key", "meta"}; image_size None
+    keeps the image (and mask) at its own size, H x W."""
     key = sample.get("__key__", "?")
     where = f"{key} in {sample.get('__url__', '?')}"
     needed = ("jpg", "json", "mask.png") if with_mask else ("jpg", "json")
@@ -106,7 +153,9 @@ def decode_sample(sample: dict, *, image_size: int, num_classes: int, with_mask:
         raise SampleError("json", f"sample {where}: bad json ({exn})") from None
     try:
         image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        image = np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR))
+        if image_size is not None:
+            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        image = np.asarray(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exn:
         raise SampleError("image", f"sample {where}: undecodable jpg ({exn})") from None
     out = {"image": image, "labels": labels, "key": key, "meta": meta}
@@ -115,7 +164,11 @@ def decode_sample(sample: dict, *, image_size: int, num_classes: int, with_mask:
             mask = Image.open(io.BytesIO(sample["mask.png"]))
             if mask.mode not in ("L", "P"):
                 raise ValueError(f"mask mode {mask.mode}, expected 8-bit L or P")
-            out["mask"] = np.asarray(mask.resize((image_size, image_size), Image.Resampling.NEAREST))
+            if image_size is not None:
+                mask = mask.resize((image_size, image_size), Image.Resampling.NEAREST)
+            elif mask.size != (image.shape[1], image.shape[0]):
+                raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]}, its image {image.shape[1]}x{image.shape[0]}")
+            out["mask"] = np.asarray(mask)
         except (OSError, ValueError) as exn:
             raise SampleError("mask", f"sample {where}: undecodable mask.png ({exn})") from None
     if flip:
@@ -126,6 +179,12 @@ def decode_sample(sample: dict, *, image_size: int, num_classes: int, with_mask:
 
 
 def collate(samples: list[dict]) -> dict:
+    """Samples -> one batch. Images of different sizes (real photos in evaluation) are padded at the bottom
+    and right to the largest (image 0, mask 255 = ignore), and batch["size"] (B x 2, height and width)
+    records each one's own size so predictions can be cut back to it."""
+    sizes = [s["image"].shape[:2] for s in samples]
+    if len(set(sizes)) > 1:
+        samples = pad_batch(samples)
     images = torch.from_numpy(np.stack([s["image"] for s in samples]))
     batch = {
         "image": images.permute(0, 3, 1, 2).float().div_(255.0),
@@ -136,6 +195,10 @@ def collate(samples: list[dict]) -> dict:
     }
     if "mask" in samples[0]:
         batch["mask"] = torch.from_numpy(np.stack([s["mask"] for s in samples]).astype(np.int64))
+    if "valid" in samples[0]:
+        batch["valid"] = torch.from_numpy(np.stack([s["valid"] for s in samples]))
+    if "size" in samples[0]:
+        batch["size"] = torch.tensor([s["size"] for s in samples], dtype=torch.int64)
     return batch
 
 
@@ -145,35 +208,31 @@ def reader_shards(urls: list[str], rank: int, world_size: int, worker: int, num_
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """One split as an IterableDataset of batches; call `set_epoch` between epochs in train mode.
+    """One split as an IterableDataset of batches: dicts with image (B x 3 x S x S float in [0,1]), labels
+    (B x C multi-hot), key, meta, padded (B bool: a repeat that fills up the epoch in exact/pad mode), mask
+    (B x S x S int64) only in eval mode on splits with masks, and with resize="crop" valid (train: B x S x S
+    bool) or size (eval: B x 2). Call `set_epoch` between epochs in train mode; it reaches DataLoader
+    workers that persist across epochs too.
 
     `len(dataset)` (== `num_batches`) is the batch count of this rank for the epoch: the same on every rank
     in train mode, so DDP never waits on a rank that ran dry."""
 
-    def __init__(self, manifest_url: str, split: str, *, image_size: int, batch_size: int, train: bool,
-                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool | None = None,
-                 num_workers: int = 0, sampling: str = "exact", balance: str = "pad",
-                 shard_by_rank: bool | None = None):
+    def __init__(self, manifest_url: str, split: str, options: LoaderOptions):
         super().__init__()
-        self.image_size = _positive_int("image_size", image_size)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        if sampling not in SAMPLING_MODES:
-            raise DataError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
-        if balance not in BALANCE_MODES:
-            raise DataError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {balance!r}")
-        if sampling == "resampled" and not train:
-            raise DataError("sampling='resampled' is for training; evaluation reads every sample once (exact)")
+        self.options = options
+        train, sampling = options.train, options.sampling
+        self.image_size, self.batch_size = options.image_size, options.batch_size
         self.manifest = read_manifest(manifest_url)
         self.split = split
         self.info = self.manifest.split(split)
-        self.train, self.seed = train, seed
-        self.sampling, self.balance = sampling, balance
-        self.hflip = train if hflip is None else hflip
+        self.train, self.seed = train, options.seed
+        self.sampling, self.balance = sampling, options.balance
+        self.hflip = train if options.hflip is None else options.hflip
         self.with_mask = (not train) and self.info.has_masks
-        self.shuffle_buffer = shuffle_buffer
-        self.num_workers = max(1, num_workers)  # readers per rank (the main process counts as one)
+        self.shuffle_buffer = options.shuffle_buffer
+        self.num_workers = max(1, options.num_workers)  # readers per rank (the main process counts as one)
         self.skipped = SkipCounter()
-        self.shard_by_rank = train if shard_by_rank is None else shard_by_rank
+        self.shard_by_rank = train if options.shard_by_rank is None else options.shard_by_rank
         self.rank, self.world_size, _, _ = wds.utils.pytorch_worker_info()
         if not self.shard_by_rank:  # every rank reads the whole split (e.g. rank 0 evaluates alone)
             self.rank, self.world_size = 0, 1
@@ -190,7 +249,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if train and sampling == "exact" and self.info.shard_samples is None:
             log.warning("manifest %s has no per-shard sample counts; assuming equal shards for the epoch "
                         "length (rewrite it with this version for exact counts)", self.manifest.url)
-        self.epoch = epoch
+        # Shared memory, so that set_epoch in the main process reaches persistent DataLoader workers.
+        self._epoch = multiprocessing.Value("q", options.epoch, lock=False)
         if train:
             self.batches_per_worker = self._batches_per_worker()
             self.num_batches = self.batches_per_worker * self.num_workers
@@ -202,17 +262,23 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def classes(self) -> list[str]:
         return self.manifest.classes
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for `epoch`: same (seed, epoch) -> same order. The batch count does not depend on it."""
-        self.epoch = epoch
+        """Reshuffle for `epoch`: same (seed, epoch) -> same order. The batch count does not depend on it.
+        Call it before iterating a DataLoader over this dataset again (workers read it when they start the
+        epoch)."""
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def _shard_order(self, what: str, pass_: int = 0) -> list[str]:
+    def _shard_order(self, what: str, epoch: int, pass_: int = 0) -> list[str]:
         urls = list(self.info.shards)
         if self.train:
-            random.Random(f"{what}:{self.seed}:{self.epoch}:{pass_}").shuffle(urls)
+            random.Random(f"{what}:{self.seed}:{epoch}:{pass_}").shuffle(urls)
         return urls
 
     def _shard_sizes(self) -> list[int]:
@@ -245,25 +311,25 @@ class ShardDataset(torch.utils.data.IterableDataset):
         worker, workers = _worker_info()
         if self.train and workers != self.num_workers:
             raise DataError(f"this dataset was made for {self.num_workers} reader(s) per rank but runs in "
-                            f"{workers}: pass the DataLoader's num_workers to make_dataset")
-        samples = self._samples(worker, workers)
+                            f"{workers}: pass the DataLoader's num_workers in LoaderOptions")
+        samples = self._samples(worker, workers, self.epoch)  # the epoch is read once, as the pass starts
         batches = wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)(samples)
         return itertools.islice(batches, self.batches_per_worker) if self.train else batches
 
-    def _samples(self, worker: int, workers: int) -> Iterator[dict]:
+    def _samples(self, worker: int, workers: int, epoch: int) -> Iterator[dict]:
         """Decoded samples of this reader. Train, exact: pass 0 is this reader's share of the epoch; later
         passes (over the whole split, flagged `padded`) fill up to the common batch count."""
         for pass_ in itertools.count():
             if self.sampling == "resampled":
-                urls: Iterable[str] = self._resampled_urls(worker)
+                urls: Iterable[str] = self._resampled_urls(worker, epoch)
             elif pass_ == 0:
-                urls = reader_shards(self._shard_order("shards"), self.rank, self.world_size, worker, workers)
+                urls = reader_shards(self._shard_order("shards", epoch), self.rank, self.world_size, worker, workers)
             else:
-                urls = self._shard_order(f"pad:{self.rank}:{worker}", pass_)
+                urls = self._shard_order(f"pad:{self.rank}:{worker}", epoch, pass_)
             usable = 0
-            for raw in self._raw_samples(urls, f"{pass_}:{self.rank}:{worker}"):
+            for raw in self._raw_samples(urls, f"{pass_}:{self.rank}:{worker}", epoch):
                 try:
-                    sample = self._decode(raw)
+                    sample = self._decode(raw, epoch)
                 except SampleError as exn:
                     self.skipped.add(exn.reason, str(exn))
                     continue
@@ -277,24 +343,35 @@ class ShardDataset(torch.utils.data.IterableDataset):
                                 f"rank {self.rank} worker {worker} to {self.batches_per_worker} batches "
                                 f"(skipped so far: {self.skipped.counts()})")
 
-    def _resampled_urls(self, worker: int) -> Iterator[str]:
-        rng = random.Random(f"resample:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+    def _resampled_urls(self, worker: int, epoch: int) -> Iterator[str]:
+        rng = random.Random(f"resample:{self.seed}:{epoch}:{self.rank}:{worker}")
         while True:
             yield rng.choice(self.info.shards)
 
-    def _raw_samples(self, urls: Iterable[str], stream: str) -> Iterator[dict]:
+    def _raw_samples(self, urls: Iterable[str], stream: str, epoch: int) -> Iterator[dict]:
         # Train mode never reads mask members: no mask reaches, or is decoded for, a training batch.
         samples = wds.tarfile_to_samples(handler=self.skipped.tar_handler,
                                          select_files=_not_mask if self.train else None)({"url": u} for u in urls)
         if self.train and self.shuffle_buffer > 1:
-            rng = random.Random(f"samples:{self.seed}:{self.epoch}:{stream}")
+            rng = random.Random(f"samples:{self.seed}:{epoch}:{stream}")
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         return samples
 
-    def _decode(self, sample: dict) -> dict:
-        flip = self.hflip and zlib.crc32(f"{self.seed}:{self.epoch}:{sample.get('__key__')}".encode()) & 1
-        return decode_sample(sample, image_size=self.image_size, num_classes=len(self.manifest.classes),
-                             with_mask=self.with_mask, flip=bool(flip))
+    def _decode(self, sample: dict, epoch: int) -> dict:
+        key = sample.get("__key__")
+        flip = self.hflip and zlib.crc32(f"{self.seed}:{epoch}:{key}".encode()) & 1
+        square = self.options.resize == "square"
+        out = decode_sample(sample, image_size=self.image_size if square else None,
+                            num_classes=len(self.manifest.classes), with_mask=self.with_mask, flip=bool(flip))
+        if square:
+            return out
+        if self.train:  # one generator per (seed, epoch, sample): the same crop with any number of workers
+            rng = random.Random(f"crop:{self.seed}:{epoch}:{key}")
+            out["image"], out["valid"] = random_scale_crop(out["image"], self.image_size, self.options.scale_range,
+                                                           rng)
+        else:
+            out["size"] = out["image"].shape[:2]
+        return out
 
 
 def _worker_info() -> tuple[int, int]:
@@ -307,37 +384,15 @@ def raw_samples(shard_url: str) -> list[dict]:
     return list(wds.DataPipeline(wds.SimpleShardList([shard_url]), wds.tarfile_to_samples()))
 
 
-def make_dataset(manifest_url: str, split: str, *, image_size: int, batch_size: int, train: bool,
-                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool | None = None,
-                 num_workers: int = 0, sampling: str = "exact", balance: str = "pad",
-                 shard_by_rank: bool | None = None) -> ShardDataset:
-    """Batches of one split: dicts with image (B x 3 x S x S float in [0,1]), labels (B x C multi-hot),
-    key, meta, padded (B bool: a repeat that fills up the epoch in exact/pad mode), and mask (B x S x S
-    int64) only in eval mode on splits with masks.
-
-    `num_workers` must match the DataLoader's, so the train epoch length comes out right. Train mode:
-    `sampling="exact"` reads each sample once per epoch, then `balance="pad"` tops every reader up to the
-    longest one with flagged repeats or `"drop"` cuts every reader to the shortest; `"resampled"` draws
-    shards with replacement, `samples // (batch_size x ranks x workers)` batches per worker.
-    `shard_by_rank` (default: in train mode only) gives each rank its own shards; off, every rank reads the
-    whole split (evaluation on rank 0)."""
-    return ShardDataset(manifest_url, split, image_size=image_size, batch_size=batch_size, train=train,
-                        seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, hflip=hflip,
-                        num_workers=num_workers, sampling=sampling, balance=balance, shard_by_rank=shard_by_rank)
-
-
-def make_loader(manifest_url: str, split: str, *, image_size: int, batch_size: int, train: bool,
-                seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, hflip: bool | None = None,
-                num_workers: int = 0, sampling: str = "exact", balance: str = "pad",
-                shard_by_rank: bool | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over `make_dataset` (batching happens in the dataset); `loader.dataset.skipped`
-    holds the skip counts and `loader.dataset.set_epoch(e)` reshuffles."""
-    dataset = make_dataset(manifest_url, split, image_size=image_size, batch_size=batch_size, train=train,
-                           seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer, hflip=hflip,
-                           num_workers=num_workers, sampling=sampling, balance=balance,
-                           shard_by_rank=shard_by_rank)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, collate_fn=_as_is)
+def make_loader(manifest_url: str, split: str, options: LoaderOptions, *,
+                persistent: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over a ShardDataset (batching happens in the dataset); `loader.dataset.skipped` holds the
+    skip counts and `loader.dataset.set_epoch(e)` reshuffles. `persistent` keeps the worker processes
+    between epochs (for a loader iterated once per epoch)."""
+    dataset = ShardDataset(manifest_url, split, options)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=options.num_workers,
+                                       persistent_workers=persistent and options.num_workers > 0,
+                                       collate_fn=_as_is)
 
 
 def _as_is(batch: dict) -> dict:

@@ -12,17 +12,12 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import IO
 
+from . import s3
+from .errors import DataError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 HOW_TO_MAKE = "expected a data set written by `wsssrec data toy-birds` or `wsssrec data convert`"
-
-
-class DataError(ValueError):
-    """Bad data-set input: the message names the input and what was expected."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message  # kept apart from .args, which webdataset's handlers append to
 
 
 @dataclass
@@ -105,8 +100,6 @@ def open_url(url: str, mode: str = "rb") -> IO:
     if mode not in ("rb", "wb"):
         raise ValueError(f"cannot open {url} in mode {mode!r}: only 'rb' and 'wb'")
     if _scheme(url) == "s3":
-        from . import s3
-
         return s3.open_s3(url, mode)
     path = _local(url)
     return open(path, "rb") if mode == "rb" else AtomicFile(path)
@@ -115,8 +108,6 @@ def open_url(url: str, mode: str = "rb") -> IO:
 def url_size(url: str) -> int | None:
     """Size in bytes of a file or object; None when it does not exist."""
     if _scheme(url) == "s3":
-        from . import s3
-
         return s3.size(url)
     path = _local(url)
     return os.path.getsize(path) if os.path.isfile(path) else None
@@ -130,11 +121,8 @@ def url_sizes(urls: list[str]) -> dict[str, int | None]:
     """Sizes of many files or objects (one S3 listing per folder, not one request per object)."""
     sizes: dict[str, int | None] = {}
     s3_dirs = sorted({url_dirname(u) for u in urls if _scheme(u) == "s3"})
-    if s3_dirs:
-        from . import s3
-
-        for folder in s3_dirs:
-            sizes.update(s3.list_sizes(folder + "/"))
+    for folder in s3_dirs:
+        sizes.update(s3.list_sizes(folder + "/"))
     return {u: sizes.get(u) if _scheme(u) == "s3" else url_size(u) for u in urls}
 
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from .manifest import DataError
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -389,13 +389,3 @@ def list_sizes(prefix_url: str) -> dict[str, int]:
             return sizes
         token = page["NextContinuationToken"]
 
-
-def ensure_bucket(bucket: str) -> None:
-    """Create a bucket unless it exists (tests and first uploads to a fresh S3-compatible server)."""
-    from botocore.exceptions import ClientError
-
-    try:
-        client().create_bucket(Bucket=bucket)
-    except ClientError as exn:
-        if exn.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise error_for(exn, f"s3://{bucket}/", "create bucket") from None

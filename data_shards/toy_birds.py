@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .manifest import DataError, write_manifest
+from .errors import DataError
+from .manifest import write_manifest
 from .writer import ShardWriter, encode_jpeg, encode_mask_png, make_sample
 
 CLASSES = ["bird"]

@@ -13,7 +13,8 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from .manifest import DataError, write_manifest
+from .errors import DataError
+from .manifest import write_manifest
 from .toy_birds import (BIRD_DIR, BIRD_OUTSIDE, EXCLUDED_BIRDS, JPEG_QUALITY, SPLIT_IDS, SPLITS, TEST_BIRDS,
                         check_build_args,
                         Cutout, Photo, _orig_box, _paste, _premultiplied, _resized, background_crop, bird_mask,

@@ -14,8 +14,9 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from .manifest import (MANIFEST_NAME, DataError, SplitInfo, join_url, open_url, read_manifest, relative_name,
-                       url_dirname, url_exists, write_manifest)
+from .errors import DataError
+from .manifest import (MANIFEST_NAME, SplitInfo, join_url, open_url, read_manifest, relative_name, url_dirname,
+                       url_exists, write_manifest)
 
 # A fixed tar member mtime (2000-01-01 UTC) so identical samples give identical shard bytes.
 FIXED_MTIME = 946684800

@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from data_shards.convert import VOC_CLASSES, convert_folder, convert_voc
-from data_shards.loader import make_dataset, raw_samples
-from data_shards.manifest import DataError, read_manifest
+from data_shards.errors import DataError
+from data_shards.loader import LoaderOptions, ShardDataset, raw_samples
+from data_shards.manifest import read_manifest
 
 
 def _photo(path, seed, size=(40, 30), fmt=None):
@@ -52,7 +53,7 @@ def test_folder_with_csv_and_masks(folder_data):
     assert Image.open(io.BytesIO(raw[1]["jpg"])).format == "JPEG"  # the PNG is re-encoded
     assert all("mask.png" not in r for r in raw_samples(manifest.split("train").shards[0]))
 
-    batch = next(iter(make_dataset(path, "val", image_size=40, batch_size=4, train=False)))
+    batch = next(iter(ShardDataset(path, "val", LoaderOptions(image_size=40, batch_size=4, train=False))))
     assert batch["labels"].tolist() == [[1, 1], [0, 1], [0, 0], [1, 1]]
     mask = batch["mask"][0]
     assert set(mask.unique().tolist()) == {0, 1, 2, 255}
@@ -127,7 +128,7 @@ def test_voc_tree(tmp_path):
     original = np.asarray(Image.open(voc / "SegmentationClass" / "2008_000003.png"))
     assert (stored == original).all()  # VOC indices are our mask values
 
-    batch = next(iter(make_dataset(path, "val", image_size=24, batch_size=2, train=False)))
+    batch = next(iter(ShardDataset(path, "val", LoaderOptions(image_size=24, batch_size=2, train=False))))
     assert batch["labels"][0].nonzero().flatten().tolist() == [0, 14, 19]
     assert set(batch["mask"].unique().tolist()) == {0, 1, 15, 20, 255}
 

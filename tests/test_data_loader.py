@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards.loader import make_dataset, make_loader, raw_samples
-from data_shards.manifest import DataError, SplitInfo, read_manifest, write_manifest
+from data_shards.errors import DataError
+from data_shards.loader import LoaderOptions, ShardDataset, make_loader, raw_samples
+from data_shards.manifest import SplitInfo, read_manifest, write_manifest
 from data_shards.writer import encode_jpeg, encode_mask_png, make_sample
 
 SIZE = 32
@@ -55,7 +56,7 @@ def _all(loader):
 def test_eval_batches_every_sample_once_in_order(toy_dataset):
     manifest = read_manifest(toy_dataset)
     expected_keys = [raw["__key__"] for shard in manifest.split("val").shards for raw in raw_samples(shard)]
-    loader = make_loader(toy_dataset, "val", image_size=48, batch_size=10, train=False)
+    loader = make_loader(toy_dataset, "val", LoaderOptions(image_size=48, batch_size=10, train=False))
     batches = _all(loader)
     assert [len(b["key"]) for b in batches] == [10, 10, 10, 2]  # last partial batch kept
     assert len(loader) == 4
@@ -75,8 +76,8 @@ def test_eval_batches_every_sample_once_in_order(toy_dataset):
 
 def test_train_epoch_length_shuffle_and_no_masks(toy_dataset):
     def keys(epoch, seed=0):
-        dataset = make_dataset(toy_dataset, "train", image_size=SIZE, batch_size=16, train=True,
-                               seed=seed, epoch=epoch, shuffle_buffer=50)
+        dataset = ShardDataset(toy_dataset, "train", LoaderOptions(image_size=SIZE, batch_size=16, train=True,
+                                                                   seed=seed, epoch=epoch, shuffle_buffer=50))
         batches = list(dataset)
         assert len(batches) == dataset.num_batches == 96 // 16
         for b in batches:
@@ -94,13 +95,13 @@ def test_train_mode_never_decodes_masks_even_if_present(tmp_path):
     garbage = b"\x00not a png at all\xff" * 10
     samples = [_good(f"s{i:03d}", mask=garbage) for i in range(20)]
     url = _dataset(tmp_path / "ds", {"train-00000.tar": samples})
-    dataset = make_dataset(url, "train", image_size=SIZE, batch_size=4, train=True)
+    dataset = ShardDataset(url, "train", LoaderOptions(image_size=SIZE, batch_size=4, train=True))
     batches = list(dataset)
     assert len(batches) == 5 and all("mask" not in b for b in batches)
     assert dataset.skipped.total == 0
     # the same shard read for evaluation does try the masks, and counts every one as bad
     eval_url = _dataset(tmp_path / "ds_eval", {"val-00000.tar": samples}, split="val", has_masks=True)
-    eval_set = make_dataset(eval_url, "val", image_size=SIZE, batch_size=4, train=False)
+    eval_set = ShardDataset(eval_url, "val", LoaderOptions(image_size=SIZE, batch_size=4, train=False))
     assert list(eval_set) == [] and eval_set.skipped.counts()["mask"] == 20
 
 
@@ -119,7 +120,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
         cut = tar.getmember("c001.jpg").offset_data + 100
     _write_tar(folder / "val-00001.tar", shard1, truncate_to=cut)  # cut inside the second sample
 
-    dataset = make_dataset(url, "val", image_size=SIZE, batch_size=4, train=False)
+    dataset = ShardDataset(url, "val", LoaderOptions(image_size=SIZE, batch_size=4, train=False))
     keys = [k for b in dataset for k in b["key"]]
     counts = dataset.skipped.counts()
     assert [k for k in keys if k.startswith("a")] == [f"a{i:03d}" for i in range(6)]
@@ -132,7 +133,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
 def test_skip_counts_reach_the_main_process_from_a_worker(tmp_path):
     samples = [_good(f"a{i:03d}") for i in range(8)] + [{**_good("z000"), "jpg": b"garbage"}]
     url = _dataset(tmp_path / "ds", {"val-00000.tar": samples}, split="val")
-    loader = make_loader(url, "val", image_size=SIZE, batch_size=4, train=False, num_workers=1)
+    loader = make_loader(url, "val", LoaderOptions(image_size=SIZE, batch_size=4, train=False, num_workers=1))
     assert sum(len(b["key"]) for b in loader) == 8
     assert loader.dataset.skipped.counts()["image"] == 1
 
@@ -148,14 +149,16 @@ def test_ranks_get_disjoint_shards_and_equal_batch_counts(tmp_path, monkeypatch)
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        dataset = make_dataset(url, "train", image_size=SIZE, batch_size=2, train=True, shuffle_buffer=4)
+        dataset = ShardDataset(url, "train", LoaderOptions(image_size=SIZE, batch_size=2, train=True, shuffle_buffer=4))
         batches = list(dataset)
         assert len(batches) == dataset.num_batches == len(dataset)
         counts.append(len(batches))
         per_rank[f"train{rank}"] = [k for b in batches for k, pad in zip(b["key"], b["padded"]) if not pad]
-        eval_set = make_dataset(url, "train", image_size=SIZE, batch_size=2, train=False, shard_by_rank=True)
+        eval_set = ShardDataset(url, "train", LoaderOptions(image_size=SIZE, batch_size=2, train=False,
+                                                            shard_by_rank=True))
         per_rank[f"eval{rank}"] = [k for b in eval_set for k in b["key"]]
-        whole = make_dataset(url, "train", image_size=SIZE, batch_size=2, train=False)  # rank-0 evaluation
+        # rank-0 evaluation
+        whole = ShardDataset(url, "train", LoaderOptions(image_size=SIZE, batch_size=2, train=False))
         assert sorted(k for b in whole for k in b["key"]) == everything
     assert counts == [8, 8]  # a rank may get the two 8-sample shards: ceil(16 / 2) batches for both
     assert sorted(per_rank["train0"] + per_rank["train1"]) == everything
@@ -169,7 +172,7 @@ def test_masks_follow_the_image_through_resize(tmp_path):
     mask[0, :] = 255
     url = _dataset(tmp_path / "ds", {"val-00000.tar": [_good("m000", labels=(1,), mask=encode_mask_png(mask))]},
                    split="val", has_masks=True)
-    batch = next(iter(make_dataset(url, "val", image_size=24, batch_size=1, train=False)))
+    batch = next(iter(ShardDataset(url, "val", LoaderOptions(image_size=24, batch_size=1, train=False))))
     got = batch["mask"][0]
     assert got.shape == (24, 24)
     assert (got[5:, :11] == 2).all() and (got[5:, 13:] == 0).all() and (got[0] == 255).all()
@@ -178,11 +181,11 @@ def test_masks_follow_the_image_through_resize(tmp_path):
 
 def test_clear_errors(tmp_path, toy_dataset):
     with pytest.raises(DataError, match=r"no manifest.json in .*nothing_here.*wsssrec data toy-birds"):
-        make_dataset(str(tmp_path / "nothing_here"), "train", image_size=SIZE, batch_size=2, train=True)
+        ShardDataset(str(tmp_path / "nothing_here"), "train", LoaderOptions(image_size=SIZE, batch_size=2, train=True))
     with pytest.raises(DataError, match=r"has no split 'foo' \(splits: train, val, test_aligned, test_conflict\)"):
-        make_dataset(toy_dataset, "foo", image_size=SIZE, batch_size=2, train=True)
+        ShardDataset(toy_dataset, "foo", LoaderOptions(image_size=SIZE, batch_size=2, train=True))
     for bad in (0, -3, 1.5, "64", True):
         with pytest.raises(DataError, match=r"image_size must be a positive integer, got"):
-            make_dataset(toy_dataset, "train", image_size=bad, batch_size=2, train=True)
+            ShardDataset(toy_dataset, "train", LoaderOptions(image_size=bad, batch_size=2, train=True))
     with pytest.raises(DataError, match="batch_size must be a positive integer"):
-        make_dataset(toy_dataset, "train", image_size=SIZE, batch_size=0, train=True)
+        ShardDataset(toy_dataset, "train", LoaderOptions(image_size=SIZE, batch_size=0, train=True))

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from data_shards.loader import raw_samples
-from data_shards.manifest import DataError, SplitInfo, open_url, read_manifest, write_manifest
+from data_shards.errors import DataError
+from data_shards.manifest import SplitInfo, open_url, read_manifest, write_manifest
 from data_shards.writer import ShardWriter, make_sample
 
 

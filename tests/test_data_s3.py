@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from data_shards import s3
-from data_shards.loader import make_loader, raw_samples
-from data_shards.manifest import DataError, SplitInfo, read_manifest, url_exists, write_manifest
+from data_shards.errors import DataError
+from data_shards.loader import LoaderOptions, make_loader, raw_samples
+from data_shards.manifest import SplitInfo, read_manifest, url_exists, write_manifest
 from data_shards.toy_birds import build_toy_birds
 from data_shards.writer import ShardWriter, copy_dataset, encode_jpeg, make_sample
 from s3_server import BUCKET, s3_server  # noqa: F401  (the fixture)
@@ -59,7 +60,7 @@ def _per_rank(monkeypatch, url: str, ranks: int = 2, **kwargs) -> list[list[dict
     for rank in range(ranks):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(ranks))
-        loader = make_loader(url, "train", image_size=SIZE, batch_size=8, train=True, **kwargs)
+        loader = make_loader(url, "train", LoaderOptions(image_size=SIZE, batch_size=8, train=True, **kwargs))
         batches = list(loader)
         assert len(batches) == len(loader)
         assert loader.dataset.skipped.total == 0
@@ -121,17 +122,16 @@ def test_resampled_mode_equal_batch_counts_per_rank(s3_toy, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(DataError, match=r"has 6 shard\(s\) for 4 rank\(s\) x 2 worker\(s\) = 8 readers; exact"):
-        make_loader(url, "train", image_size=SIZE, batch_size=8, train=True, num_workers=2)
-    assert len(make_loader(url, "train", image_size=SIZE, batch_size=8, train=True, num_workers=2,
-                           sampling="resampled")) == 2
+        make_loader(url, "train", LoaderOptions(image_size=SIZE, batch_size=8, train=True, num_workers=2))
+    assert len(make_loader(url, "train", LoaderOptions(image_size=SIZE, batch_size=8, train=True, num_workers=2,
+                                                      sampling="resampled"))) == 2
 
 
 def test_eval_split_from_s3_with_masks(s3_toy):
     url, local = s3_toy
-    remote = [(k, m.sum().item()) for b in make_loader(url, "val", image_size=SIZE, batch_size=10, train=False,
-                                                       num_workers=2) for k, m in zip(b["key"], b["mask"])]
-    here = [(k, m.sum().item()) for b in make_loader(local, "val", image_size=SIZE, batch_size=10, train=False,
-                                                     num_workers=2) for k, m in zip(b["key"], b["mask"])]
+    options = LoaderOptions(image_size=SIZE, batch_size=10, train=False, num_workers=2)
+    remote = [(k, m.sum().item()) for b in make_loader(url, "val", options) for k, m in zip(b["key"], b["mask"])]
+    here = [(k, m.sum().item()) for b in make_loader(local, "val", options) for k, m in zip(b["key"], b["mask"])]
     assert sorted(remote) == sorted(here) and len(remote) == 32
 
 
@@ -150,7 +150,7 @@ def test_server_restart_in_the_middle_of_a_shard(s3_server, caplog):
     head = s3.client().head_object(Bucket=BUCKET, Key="restart/" + shard)
     assert head["ContentLength"] > 25 * 2**20
 
-    loader = make_loader(url, "val", image_size=SIZE, batch_size=8, train=False)
+    loader = make_loader(url, "val", LoaderOptions(image_size=SIZE, batch_size=8, train=False))
     keys = []
     with caplog.at_level("WARNING", logger="data_shards.s3"):
         for number, batch in enumerate(loader):
@@ -173,7 +173,7 @@ def test_corrupt_contents_are_skipped_and_counted(s3_server):
         cut = tar.getmember("c001.jpg").offset_data + 100
     _put(f"{prefix}/val-00001.tar", shard1[:cut])  # truncated inside the second sample
     write_manifest(prefix, ["bird"], {"val": SplitInfo(["val-00000.tar", "val-00001.tar"], 17, False)})
-    loader = make_loader(prefix, "val", image_size=SIZE, batch_size=4, train=False)
+    loader = make_loader(prefix, "val", LoaderOptions(image_size=SIZE, batch_size=4, train=False))
     keys = [k for b in loader for k in b["key"]]
     assert keys == [f"a{i:03d}" for i in range(6)] + ["c000"]
     counts = loader.dataset.skipped.counts()
@@ -184,7 +184,7 @@ def test_missing_object_bucket_and_manifest_fail_with_the_url(s3_server):
     prefix = f"s3://{BUCKET}/holes"
     _put(f"{prefix}/train-00000.tar", _tar([_good(f"a{i:03d}") for i in range(4)]))
     write_manifest(prefix, ["bird"], {"train": SplitInfo(["train-00000.tar", "train-00001.tar"], 8, False)})
-    loader = make_loader(prefix, "train", image_size=SIZE, batch_size=2, train=False)
+    loader = make_loader(prefix, "train", LoaderOptions(image_size=SIZE, batch_size=2, train=False))
     with pytest.raises(DataError, match=rf"cannot read {prefix}/train-00001.tar: no such object"):
         list(loader)
     with pytest.raises(DataError, match=r"cannot read s3://no-such-bucket/x/manifest.json: bucket "
@@ -214,7 +214,7 @@ def test_convert_folder_straight_to_s3_and_add_a_split(s3_server, tmp_path):
     manifest = read_manifest(path)
     assert path == f"{out}/manifest.json" and list(manifest.splits) == ["train", "val"]
     assert manifest.split("val").shard_samples == [2, 2, 1]
-    batches = list(make_loader(out, "val", image_size=16, batch_size=5, train=False))
+    batches = list(make_loader(out, "val", LoaderOptions(image_size=16, batch_size=5, train=False)))
     assert batches[0]["labels"][:, 0].tolist() == [0, 1, 0, 1, 0]
 
 

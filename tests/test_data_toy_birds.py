@@ -143,7 +143,7 @@ def test_bird_mask_thresholds():
 
 
 def test_missing_apt_gives_an_actionable_error(tmp_path, monkeypatch):
-    from data_shards.manifest import DataError
+    from data_shards.errors import DataError
     from data_shards.toy_birds import fetch_sources
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get on PATH: the fetch must fail clearly

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from data_shards.manifest import DataError
+from data_shards.errors import DataError
 
 from .config import ConfigError, load_config
 from .tracking import TrackingError

@@ -25,6 +25,20 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 512
     hflip: bool = True
+    # "square": every image resized to image_size x image_size (the toy sets). "crop" (real photos):
+    # training on random-scale (scale_min..scale_max) random image_size x image_size crops, padding marked
+    # invalid; evaluation at each image's own size (batches padded, mask 255, batch["size"] = own size).
+    resize: str = "square"
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+
+    def check(self) -> None:
+        """Raise ConfigError for data settings no loader can use."""
+        if self.resize not in ("square", "crop"):
+            raise ConfigError(f"config key 'data.resize' is {self.resize!r}; expected one of square, crop")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ConfigError("config keys 'data.scale_min' and 'data.scale_max' need 0 < scale_min <= "
+                              f"scale_max, got {self.scale_min} and {self.scale_max}")
 
 
 @dataclass
@@ -256,6 +270,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}")
+    cfg.data.check()
     positive = {"data.image_size": cfg.data.image_size, "data.batch_size": cfg.data.batch_size,
                 "train.steps": cfg.train.steps, "classifier.batch_size": cfg.classifier.batch_size}
     for key, value in positive.items():

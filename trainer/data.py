@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from data_shards.loader import make_loader
+from data_shards.loader import LoaderOptions, ShardDataset, make_loader
 from data_shards.manifest import read_manifest
 
 from .config import Config
@@ -16,27 +16,46 @@ def dataset_classes(cfg: Config) -> list[str]:
     return list(read_manifest(cfg.data.url).classes)
 
 
+def loader_options(cfg: Config, *, train: bool, batch_size: int, seed: int = 0, epoch: int = 0) -> LoaderOptions:
+    """The loader settings of `cfg.data` for one split: training (shuffled, flipped, cropped) or evaluation."""
+    data = cfg.data
+    common = dict(image_size=data.image_size, batch_size=batch_size, num_workers=data.num_workers,
+                  resize=data.resize, scale_range=(data.scale_min, data.scale_max))
+    if not train:
+        return LoaderOptions(train=False, **common)
+    return LoaderOptions(train=True, seed=seed, epoch=epoch, shuffle_buffer=data.shuffle_buffer, hflip=data.hflip,
+                         **common)
+
+
+def train_dataset(cfg: Config, seed: int, batch_size: int, epoch: int = 0) -> ShardDataset:
+    return ShardDataset(cfg.data.url, "train", loader_options(cfg, train=True, batch_size=batch_size, seed=seed,
+                                                               epoch=epoch))
+
+
 def train_batches(cfg: Config, seed: int, batch_size: int | None = None, start_epoch: int = 0) -> Iterator[dict]:
-    """Training batches forever, epoch after epoch; each epoch reshuffles shards and samples by (seed, epoch)."""
+    """Training batches forever, epoch after epoch; each epoch reshuffles shards and samples by (seed, epoch).
+    One DataLoader (its workers persist) serves every epoch; the dataset's set_epoch moves it on."""
+    batch_size = batch_size or cfg.data.batch_size
+    loader = make_loader(cfg.data.url, "train", loader_options(cfg, train=True, batch_size=batch_size, seed=seed,
+                                                               epoch=start_epoch), persistent=True)
     epoch = start_epoch
     while True:
-        loader = make_loader(cfg.data.url, "train", image_size=cfg.data.image_size,
-                             batch_size=batch_size or cfg.data.batch_size, train=True, seed=seed, epoch=epoch,
-                             shuffle_buffer=cfg.data.shuffle_buffer, hflip=cfg.data.hflip,
-                             num_workers=cfg.data.num_workers)
+        loader.dataset.set_epoch(epoch)
         count = 0
         for batch in loader:
             count += 1
             yield batch
         if count == 0:
-            raise ValueError(f"split 'train' of {cfg.data.url} yields no batch of {batch_size or cfg.data.batch_size}"
+            raise ValueError(f"split 'train' of {cfg.data.url} yields no batch of {batch_size}"
                              " images (fewer samples than one batch?)")
         epoch += 1
 
 
 def eval_batches(cfg: Config, split: str) -> Iterator[dict]:
-    return iter(make_loader(cfg.data.url, split, image_size=cfg.data.image_size,
-                            batch_size=cfg.data.eval_batch_size, train=False, num_workers=cfg.data.num_workers))
+    """Every sample of `split` once, in shard order. With data.resize=crop the images keep their own size:
+    batches are padded (mask 255) and batch["size"] holds each image's height and width."""
+    return iter(make_loader(cfg.data.url, split, loader_options(cfg, train=False,
+                                                                batch_size=cfg.data.eval_batch_size)))
 
 
 def split_has_masks(cfg: Config, split: str) -> bool:
@@ -44,9 +63,8 @@ def split_has_masks(cfg: Config, split: str) -> bool:
 
 
 def epoch_batches(cfg: Config, batch_size: int) -> int:
-    """Training micro-batches per epoch on this rank (the loader's own count, equal on every rank)."""
-    return len(make_loader(cfg.data.url, "train", image_size=cfg.data.image_size, batch_size=batch_size,
-                           train=True, num_workers=cfg.data.num_workers))
+    """Training micro-batches per epoch on this rank (the dataset's own count, equal on every rank)."""
+    return len(train_dataset(cfg, seed=0, batch_size=batch_size))
 
 
 def resumable_batches(cfg: Config, seed: int, batch_size: int, samples_seen: int = 0) -> Iterator[dict]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_shards.manifest import DataError
+from data_shards.errors import DataError
 
 
 class ModelInputError(DataError):

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_shards.manifest import DataError, open_url
+from data_shards.errors import DataError
+from data_shards.manifest import open_url
 
 from .config import Config
 from .files import run_dir

@@ -84,7 +84,8 @@ def process_rank() -> int:
 
 def manifest_fingerprint(data_url: str) -> dict[str, str]:
     """The data set's manifest URL and the SHA-256 of its bytes (which shards, how many samples, classes)."""
-    from data_shards.manifest import DataError, manifest_url, open_url
+    from data_shards.errors import DataError
+    from data_shards.manifest import manifest_url, open_url
 
     url = manifest_url(data_url)
     try:

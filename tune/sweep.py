@@ -410,7 +410,7 @@ def results_table(rows: list[dict[str, Any]], metric: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from data_shards.manifest import DataError
+    from data_shards.errors import DataError
     from trainer.config import ConfigError
     from trainer.tracking import TrackingError
 
