@@ -36,8 +36,18 @@ def _convert_folder(args: argparse.Namespace) -> None:
 def _convert_voc(args: argparse.Namespace) -> None:
     from .convert import convert_voc
 
-    path = convert_voc(args.root, args.out, maxcount=args.maxcount)
+    path = convert_voc(args.root, args.out, maxcount=args.maxcount, train_list=args.train_list)
     print(f"wrote PASCAL VOC to {path}")
+    _print_manifest(path)
+
+
+def _convert_coco(args: argparse.Namespace) -> None:
+    from .coco import convert_coco
+
+    with_masks = {"auto": None, "yes": True, "no": False}[args.masks]
+    path = convert_coco(args.annotations, args.images, args.out, args.split, with_masks=with_masks,
+                        keep_empty=args.keep_empty, maxcount=args.maxcount, limit=args.limit)
+    print(f"wrote COCO split {args.split!r} to {path}")
     _print_manifest(path)
 
 
@@ -108,8 +118,23 @@ def register(subparsers) -> argparse.ArgumentParser:
     voc = kinds.add_parser("voc", help="PASCAL VOC 2012 (JPEGImages, ImageSets/Segmentation, SegmentationClass)")
     voc.add_argument("--root", required=True)
     voc.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    voc.add_argument("--train-list", default=None,
+                     help="train image ids, e.g. train_aug.txt (a path or a name in ImageSets/Segmentation/): "
+                          "tags then come from Annotations/*.xml, train masks from SegmentationClassAug/ if present")
     voc.add_argument("--maxcount", type=int, default=1000)
     voc.set_defaults(func=_convert_voc)
+    coco = kinds.add_parser("coco", help="MS COCO 2014, one split per call (tags from the instances; masks "
+                                         "built from them for evaluation splits)")
+    coco.add_argument("--annotations", required=True, help="instances JSON, e.g. annotations/instances_val2014.json")
+    coco.add_argument("--images", required=True, help="image folder, e.g. val2014/")
+    coco.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    coco.add_argument("--split", required=True, help="split name: train or val")
+    coco.add_argument("--masks", choices=("auto", "yes", "no"), default="auto",
+                      help="store semantic masks (auto: for every split but train)")
+    coco.add_argument("--keep-empty", action="store_true", help="keep images without any annotation")
+    coco.add_argument("--limit", type=int, default=None, help="convert only the first N images (smoke runs)")
+    coco.add_argument("--maxcount", type=int, default=1000)
+    coco.set_defaults(func=_convert_coco)
 
     ls = commands.add_parser("ls", help="show a data set's classes, splits and sizes")
     ls.add_argument("manifest", help="manifest.json or the folder holding it (local or s3://)")
