@@ -1,13 +1,24 @@
 """Training checkpoints through DeepSpeed, resumable after a crash. Every rank writes its ZeRO shard under
 `<dir>/stepNNNNNNN/`; once all ranks have returned, rank 0 writes `complete.json` into that folder and points
 `<dir>/latest` at it, so a half-written checkpoint is never resumed from. The newest `keep_last` are kept. At the
-end of training the shards are gathered into one plain fp32 state_dict."""
+end of training the shards are gathered into one plain fp32 state_dict.
+
+`complete.json` lists every file of the checkpoint with its size and SHA-256; a resume checks them before it
+trusts the folder (a torn or damaged file makes `train.resume=auto` fall back to the previous intact
+checkpoint). DeepSpeed's loaders unpickle with `torch.load(weights_only=False)`; ours run them with
+`weights_only=True` and an allowlist of the few plain classes DeepSpeed stores, so a checkpoint folder cannot
+run code."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
+import logging
+import pickle
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +30,15 @@ from .distributed import rng_state, seed_everything, set_rng_state
 from .files import atomic_write_bytes, write_json
 from .loop import LoopState
 
+log = logging.getLogger(__name__)
+
 COMPLETE = "complete.json"
 _TAG = re.compile(r"^step(\d{7,})$")
 _RANK_FILE = re.compile(r"^zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank optimizer shard files
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be trusted or loaded; the message names the file and the way out."""
 
 
 def tag(step: int) -> str:
@@ -48,6 +65,7 @@ class CheckpointInfo:
     zero_stage: int
     bf16: bool  # for the record: bf16 autocast keeps fp32 weights, so it does not change what loads
     universal: bool = False  # made by DeepSpeed's ds_to_universal: loads into any world size
+    files: dict[str, dict[str, Any]] | None = field(default=None, repr=False)  # name → size, sha256; None: older
 
     @property
     def world_size_free(self) -> bool:
@@ -59,10 +77,48 @@ def read_info(path: Path) -> CheckpointInfo | None:
     """The checkpoint in folder `path`, or None when it is not complete (no marker, or a torn one)."""
     try:
         data = json.loads((path / COMPLETE).read_text())
+        files = data.get("files")
         return CheckpointInfo(path=path, step=int(data["step"]), world_size=int(data["world_size"]),
-                              zero_stage=int(data["zero_stage"]), bf16=bool(data["bf16"]))
-    except (OSError, ValueError, KeyError, TypeError):
+                              zero_stage=int(data["zero_stage"]), bf16=bool(data["bf16"]),
+                              files=None if files is None else {str(k): dict(v) for k, v in files.items()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_list(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file in checkpoint `folder` (what `complete.json` records)."""
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != COMPLETE}
+
+
+def damage(info: CheckpointInfo) -> str | None:
+    """Why the files of `info` differ from what its complete.json recorded (naming the file), or None when they
+    match. A marker written before file lists existed is trusted as it is."""
+    if info.files is None:
+        return None
+    for name, expected in sorted(info.files.items()):
+        path = info.path / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            return f"{path} has {size} bytes, {expected.get('size')} were written (truncated or replaced)"
+        if "sha256" in expected and _sha256(path) != expected["sha256"]:
+            return f"{path} does not match the SHA-256 recorded when it was written (damaged or replaced)"
+    return None
+
+
+def _warn(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning(message)
 
 
 def complete_checkpoints(directory: Path) -> list[CheckpointInfo]:
@@ -78,7 +134,15 @@ def find_resume(directory: Path, resume: str) -> CheckpointInfo | None:
     start fresh, refusing to mix a new run into a folder that already holds one; else a checkpoint folder."""
     if resume in ("auto", ""):
         done = complete_checkpoints(directory)
-        return done[-1] if done else None
+        for info in reversed(done):
+            problem = damage(info)
+            if problem is None:
+                return info
+            _warn(f"checkpoint {info.path} is marked complete but {problem}; "
+                  "falling back to the previous complete checkpoint")
+        if done:
+            _warn(f"no intact checkpoint left in {directory}; train.resume=auto starts this stage afresh")
+        return None
     if resume == "never":
         done = complete_checkpoints(directory)
         if done:
@@ -93,6 +157,10 @@ def find_resume(directory: Path, resume: str) -> CheckpointInfo | None:
     if info is None:
         raise FileNotFoundError(f"train.resume={resume} is not a complete checkpoint folder (expected "
                                 f"{path / COMPLETE}, written once every rank has saved its part)")
+    problem = damage(info)
+    if problem is not None:
+        raise CheckpointError(f"train.resume={resume}: {problem}; resume from another checkpoint (or "
+                              "train.resume=auto, which falls back to the newest intact one)")
     return info
 
 
@@ -129,7 +197,8 @@ def save_checkpoint(engine, directory: Path, step: int, client_state: dict[str, 
     engine.save_checkpoint(str(directory), tag=tag(step), client_state=client_state, save_latest=False)
     dist.barrier()  # every rank has returned from writing its files
     if rank == 0:
-        info = CheckpointInfo(path=path, step=step, world_size=world, zero_stage=zero_stage, bf16=bf16)
+        info = CheckpointInfo(path=path, step=step, world_size=world, zero_stage=zero_stage, bf16=bf16,
+                              files=file_list(path))
         write_json(path / COMPLETE, {k: v for k, v in asdict(info).items() if k not in ("path", "universal")})
         atomic_write_bytes(directory / "latest", tag(step).encode())  # DeepSpeed's own tools read this
         _prune(directory, keep_last, step)
@@ -149,11 +218,52 @@ def _prune(directory: Path, keep_last: int, newest: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _safe_globals() -> list:
+    """The classes DeepSpeed 0.19 pickles into its checkpoints besides tensors and containers (NumPy arrays of
+    the saved RNG states, ZeRO's stage enum, loss scaler and fragment addresses): plain data, no code."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    dtypes = [type(np.dtype(t)) for t in ("uint32", "int64", "float64", "float32")]
+    return [np.ndarray, np.dtype, np._core.multiarray._reconstruct, *dtypes, ZeroStageEnum, LossScaler,
+            DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads(where: Path):
+    """Inside this block every `torch.load` (DeepSpeed's checkpoint engine, ZeRO-3 and universal-checkpoint
+    readers all ask for weights_only=False) loads with weights_only=True and the allowlist above; anything
+    else in the files is refused with a CheckpointError naming the folder."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(*args, **kwargs)
+        except pickle.UnpicklingError as err:
+            source = args[0] if args else kwargs.get("f", where)
+            raise CheckpointError(f"checkpoint file {source} holds objects other than tensors and plain data, "
+                                  f"which wsssrec does not unpickle (it could run code): {err}") from None
+
+    with torch.serialization.safe_globals(_safe_globals()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
 def load_checkpoint(engine, info: CheckpointInfo) -> dict[str, Any]:
-    """Load weights, optimizer and scheduler state into `engine` (all ranks call this); returns the
-    client_state saved with it."""
-    _, client = engine.load_checkpoint(str(info.path.parent), tag=info.path.name,
-                                       load_module_strict=True, load_optimizer_states=True)
+    """Load weights, optimizer and scheduler state into `engine` (all ranks call this), unpickling with
+    weights_only=True; returns the client_state saved with it."""
+    try:
+        with weights_only_loads(info.path):
+            _, client = engine.load_checkpoint(str(info.path.parent), tag=info.path.name,
+                                               load_module_strict=True, load_optimizer_states=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"cannot load the checkpoint in {info.path}: {err}") from None
     if client is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {info.path}")
     return client
