@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data_shards.errors import DataError
 
@@ -21,28 +21,106 @@ class ModelInputError(DataError):
 
 def decode_image(item: Any, where: str = "image") -> np.ndarray:
     """One image as H×W×3 uint8 RGB from encoded bytes (JPEG/PNG/...), a base64 string of them, or pixels
-    (H×W×3 or H×W, uint8 0-255 or float 0-1, as an array or nested lists)."""
+    (H×W×3 or H×W: integers 0-255, or floats 0-1, as an array or nested lists). Anything else is refused with
+    a ModelInputError that starts with `where` and says what was wrong."""
     if isinstance(item, str):
         try:
             item = base64.b64decode(item, validate=False)
         except (binascii.Error, ValueError) as err:
             raise ModelInputError(f"{where}: a string must be base64 of JPEG/PNG bytes ({err})") from None
     if isinstance(item, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(item))) as img:
-                return np.asarray(img.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise ModelInputError(f"{where}: not a readable JPEG/PNG image ({err})") from None
-    pixels = np.asarray(item)
+        return _decode_bytes(bytes(item), where)
+    return _check_pixels(item, where)
+
+
+# 8-bit modes Pillow converts to RGB exactly (CMYK and YCbCr by its own formulas)
+_DIRECT = {"RGB", "L", "1", "CMYK", "YCbCr", "RGBX"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def _decode_bytes(data: bytes, where: str) -> np.ndarray:
+    """Encoded bytes → RGB, right for every mode Pillow opens: EXIF orientation applied, 16-bit and 32-bit
+    integer grey scaled from their full range, float grey read as 0-1, transparency (alpha, palette or LA)
+    composited over white (what a viewer shows; the colour under a transparent pixel is arbitrary)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img, where)
+    except ModelInputError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ModelInputError(f"{where}: not a readable JPEG/PNG image ({err})") from None
+
+
+def _to_rgb(img: Image.Image, where: str) -> np.ndarray:
+    mode = img.mode
+    if mode == "P" and "transparency" not in img.info:
+        return np.asarray(img.convert("RGB"))
+    if mode in ("P", "PA", "LA", "La", "RGBA", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if mode in _DIRECT:
+        return np.asarray(img.convert("RGB"))
+    if mode in _SIXTEEN_BIT or mode == "I":
+        grey = np.asarray(img).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ModelInputError(f"{where}: a 32-bit integer image with values {grey.min()}..{grey.max()}; "
+                                  "integer grey images are read as 16-bit (0-65535)")
+        return _grey_to_rgb(grey / 65535.0)
+    if mode == "F":
+        grey = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(grey).all() or (grey.size and (grey.min() < 0 or grey.max() > 1)):
+            raise ModelInputError(f"{where}: a float image must hold finite values in 0-1, got "
+                                  f"{np.nanmin(grey):g}..{np.nanmax(grey):g}")
+        return _grey_to_rgb(grey)
+    raise ModelInputError(f"{where}: image mode {mode} is not supported (use RGB, grey, palette, CMYK, "
+                          "16-bit or float grey)")
+
+
+def _grey_to_rgb(unit: np.ndarray) -> np.ndarray:
+    """H×W in [0, 1] → H×W×3 uint8, rounded."""
+    grey = np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _check_pixels(item: Any, where: str) -> np.ndarray:
+    """Pixel arrays as the REST API and the pyfunc take them, checked: shape H×W×3 or H×W, integers 0-255 or
+    finite floats 0-1, at most as many pixels as Pillow opens."""
+    try:
+        pixels = np.asarray(item)
+    except ValueError as err:  # ragged nested lists
+        raise ModelInputError(f"{where}: pixels must be a rectangular H×W×3 array ({err})") from None
+    if pixels.dtype == object and pixels.size:
+        try:  # a column of per-row arrays (MLflow's schema enforcement) nests arrays in object arrays
+            pixels = np.asarray(pixels.tolist())
+        except ValueError as err:
+            raise ModelInputError(f"{where}: pixels must be a rectangular H×W×3 array ({err})") from None
     if pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, axis=2)
-    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4) or min(pixels.shape[:2]) < 1:
+        pixels = pixels[..., None]
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3) or min(pixels.shape[:2]) < 1:
         raise ModelInputError(f"{where}: pixels must be H×W×3 (or H×W), got shape {pixels.shape}")
-    pixels = pixels[..., :3]
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and pixels.shape[0] * pixels.shape[1] > limit:
+        raise ModelInputError(f"{where}: {pixels.shape[0]}×{pixels.shape[1]} pixels is more than the "
+                              f"{limit} an image may have")
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    if pixels.dtype.kind in "iu":
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 255:
+            raise ModelInputError(f"{where}: integer pixels must be 0-255, got values from {low} to {high}")
+        return pixels.astype(np.uint8)
     if pixels.dtype.kind == "f":
-        scale = 255.0 if pixels.size and pixels.max() <= 1.0 else 1.0
-        pixels = np.clip(pixels * scale + (0.5 if scale > 1 else 0.0), 0, 255)
-    return pixels.astype(np.uint8)
+        if not np.isfinite(pixels).all():
+            raise ModelInputError(f"{where}: float pixels must be finite, got NaN or infinity")
+        low, high = float(pixels.min()), float(pixels.max())
+        if low < 0 or high > 1:
+            raise ModelInputError(f"{where}: float pixels must be 0-1, got values from {low:g} to {high:g} "
+                                  "(send integers for 0-255)")
+        return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    raise ModelInputError(f"{where}: pixels must be integers 0-255 or floats 0-1, got dtype {pixels.dtype}")
 
 
 def model_input_images(model_input: Any) -> list[np.ndarray]:
