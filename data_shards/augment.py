@@ -40,11 +40,12 @@ def random_scale_crop(image: np.ndarray, crop: int, scale_range: tuple[float, fl
     return out, valid
 
 
-def pad_batch(samples: list[dict]) -> list[dict]:
-    """Samples of different sizes, each padded at the bottom and right to the largest height and width:
-    image with 0, mask with 255 (ignore). Their own size stays in sample["size"]."""
-    height = max(s["image"].shape[0] for s in samples)
-    width = max(s["image"].shape[1] for s in samples)
+def pad_batch(samples: list[dict], multiple: int = 1) -> list[dict]:
+    """Samples of different sizes, each padded at the bottom and right to the largest height and width
+    (rounded up to a multiple of `multiple`): image with 0, mask with 255 (ignore). Their own size stays in
+    sample["size"]."""
+    height = -(-max(s["image"].shape[0] for s in samples) // multiple) * multiple
+    width = -(-max(s["image"].shape[1] for s in samples) // multiple) * multiple
     padded = []
     for sample in samples:
         h, w = sample["image"].shape[:2]

@@ -10,6 +10,7 @@ bucket or bad credentials raise a DataError naming the URL.
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -52,7 +53,8 @@ class LoaderOptions:
     `resize="square"` (the toy sets) resizes every image to image_size x image_size. `resize="crop"` (real
     photos): training takes a random scale in `scale_range` and a random image_size x image_size crop,
     padded where the scaled image is smaller (batch["valid"] is False there, the ignore region); evaluation
-    keeps every image at its own size (see `collate`)."""
+    keeps every image at its own size (see `collate`), batches padded up to a multiple of `pad_multiple`
+    (an encoder that downsamples 32 times needs 32)."""
     image_size: int
     batch_size: int
     train: bool
@@ -66,10 +68,12 @@ class LoaderOptions:
     shard_by_rank: bool | None = None
     resize: str = "square"
     scale_range: tuple[float, float] = (0.5, 2.0)
+    pad_multiple: int = 1  # resize="crop", eval: pad each batch's height and width up to a multiple of this
 
     def __post_init__(self):
         _positive_int("image_size", self.image_size)
         _positive_int("batch_size", self.batch_size)
+        _positive_int("pad_multiple", self.pad_multiple)
         for name, value, allowed in (("sampling", self.sampling, SAMPLING_MODES),
                                      ("balance", self.balance, BALANCE_MODES),
                                      ("resize", self.resize, RESIZE_MODES)):
@@ -178,13 +182,14 @@ def decode_sample(sample: dict, *, image_size: int | None, num_classes: int, wit
     return out
 
 
-def collate(samples: list[dict]) -> dict:
+def collate(samples: list[dict], pad_multiple: int = 1) -> dict:
     """Samples -> one batch. Images of different sizes (real photos in evaluation) are padded at the bottom
     and right to the largest (image 0, mask 255 = ignore), and batch["size"] (B x 2, height and width)
-    records each one's own size so predictions can be cut back to it."""
+    records each one's own size so predictions can be cut back to it; `pad_multiple` > 1 pads further, up to
+    a multiple of it."""
     sizes = [s["image"].shape[:2] for s in samples]
-    if len(set(sizes)) > 1:
-        samples = pad_batch(samples)
+    if len(set(sizes)) > 1 or pad_multiple > 1:
+        samples = pad_batch(samples, pad_multiple)
     images = torch.from_numpy(np.stack([s["image"] for s in samples]))
     batch = {
         "image": images.permute(0, 3, 1, 2).float().div_(255.0),
@@ -313,7 +318,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
             raise DataError(f"this dataset was made for {self.num_workers} reader(s) per rank but runs in "
                             f"{workers}: pass the DataLoader's num_workers in LoaderOptions")
         samples = self._samples(worker, workers, self.epoch)  # the epoch is read once, as the pass starts
-        batches = wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)(samples)
+        own_size = not self.train and self.options.resize == "crop"  # the square sizes are all equal already
+        pad_multiple = self.options.pad_multiple if own_size else 1
+        batches = wds.batched(self.batch_size, collation_fn=functools.partial(collate, pad_multiple=pad_multiple),
+                              partial=not self.train)(samples)
         return itertools.islice(batches, self.batches_per_worker) if self.train else batches
 
     def _samples(self, worker: int, workers: int, epoch: int) -> Iterator[dict]:

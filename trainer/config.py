@@ -31,6 +31,7 @@ class DataConfig:
     resize: str = "square"
     scale_min: float = 0.5
     scale_max: float = 2.0
+    eval_pad_multiple: int = 32  # "crop": evaluation batches padded to a multiple of this (g's trunk: 32)
 
     def check(self) -> None:
         """Raise ConfigError for data settings no loader can use."""
@@ -39,6 +40,8 @@ class DataConfig:
         if not 0 < self.scale_min <= self.scale_max:
             raise ConfigError("config keys 'data.scale_min' and 'data.scale_max' need 0 < scale_min <= "
                               f"scale_max, got {self.scale_min} and {self.scale_max}")
+        if self.eval_pad_multiple < 1:
+            raise ConfigError(f"config key 'data.eval_pad_multiple' must be ≥ 1, got {self.eval_pad_multiple}")
 
 
 @dataclass

@@ -22,7 +22,7 @@ def loader_options(cfg: Config, *, train: bool, batch_size: int, seed: int = 0, 
     common = dict(image_size=data.image_size, batch_size=batch_size, num_workers=data.num_workers,
                   resize=data.resize, scale_range=(data.scale_min, data.scale_max))
     if not train:
-        return LoaderOptions(train=False, **common)
+        return LoaderOptions(train=False, pad_multiple=data.eval_pad_multiple, **common)
     return LoaderOptions(train=True, seed=seed, epoch=epoch, shuffle_buffer=data.shuffle_buffer, hflip=data.hflip,
                          **common)
 
