@@ -3,6 +3,7 @@
 wrong type are errors that name the key."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -208,7 +209,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+def merge_into(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    """Merge a nested mapping into the dataclass `obj` in place, coercing values to the field types; an
+    unknown key or a wrong type is a ConfigError naming the key (`prefix` + key)."""
     if not isinstance(updates, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'!r} must be a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(obj))
@@ -219,7 +222,7 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             raise ConfigError(f"unknown config key {full!r} (valid keys here: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, f"{full}.")
+            merge_into(current, value, f"{full}.")
         else:
             setattr(obj, key, _coerce(full, value, hints[key]))
 
@@ -302,12 +305,47 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.K' must be 0 (= C + 1) or at least C + 1, got {cfg.model.K}")
 
 
+def find_config(path: str | Path) -> Path:
+    """A config file as named: the path itself when it exists (or is absolute), else the same relative path
+    among the configs shipped with the package (`configs/x.yaml` or `x.yaml`), so the documented names also
+    work outside a checkout, e.g. in the remote user's home where `ray submit` runs a sweep. The packaged
+    configs are the `wsssrec_configs` folder of an installed wheel, or configs/ next to this source tree."""
+    import importlib.util
+
+    path = Path(path)
+    if path.exists() or path.is_absolute() or not path.parts:
+        return path
+    inside = Path(*path.parts[1:]) if path.parts[0] == "configs" and len(path.parts) > 1 else path
+    spec = importlib.util.find_spec("wsssrec_configs")
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    for root in roots + [Path(__file__).resolve().parent.parent / "configs"]:
+        if (root / inside).is_file():
+            return root / inside
+    return path
+
+
+def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A new Config: `cfg` with each dotted key set (`{"objective.lambda_m": 0.5}`), coerced and checked as
+    a command-line override would be; `cfg` itself is not changed."""
+    new = copy.deepcopy(cfg)
+    for key, value in values.items():
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        merge_into(new, nested)
+    validate(new)
+    return new
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     cfg = Config()
     if path:
-        _merge(cfg, _read_yaml(Path(path)))
+        merge_into(cfg, _read_yaml(find_config(path)))
     for text in overrides:
-        _merge(cfg, parse_override(text))
+        merge_into(cfg, parse_override(text))
     validate(cfg)
     return cfg
 
@@ -326,7 +364,7 @@ def config_from_dict(data: dict[str, Any], strict: bool = True) -> Config:
     """A Config from a resolved-config dict; `strict=False` (stored checkpoints) drops keys that newer code
     no longer has instead of failing."""
     cfg = Config()
-    _merge(cfg, data if strict else _known_keys(cfg, data))
+    merge_into(cfg, data if strict else _known_keys(cfg, data))
     validate(cfg)
     return cfg
 

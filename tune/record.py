@@ -1,4 +1,4 @@
-"""The sweep driver's record of its trials, as a Tune callback: each trial's λ_m, λ_c, K, last metrics,
+"""The sweep driver's record of its trials, as a Tune callback: each trial's searched values, last metrics,
 checkpoint and outcome (complete, stopped early by ASHA, error, or unfinished when the sweep was
 interrupted), kept in `<sweep dir>/trials.json` so a resumed sweep knows the trials finished before; and,
 with MLflow on, one nested run per trial under the sweep's parent run, with the trial's resolved config as
@@ -14,7 +14,7 @@ from ray.tune import Callback
 
 from trainer.config import flatten
 
-from .trial import SEARCHED, trial_config
+from .trial import trial_config
 
 STATUS = ("running", "complete", "stopped_early", "error")
 
@@ -45,7 +45,7 @@ class SweepRecorder(Callback):
     # ---- Tune's hooks (called in the driver) ----
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        record = self.trials.setdefault(trial.trial_id, {"params": {k: trial.config[k] for k in SEARCHED},
+        record = self.trials.setdefault(trial.trial_id, {"params": dict(trial.config),
                                                          "metrics": {}, "checkpoint_path": None})
         record["status"] = "running"
         if self.mlflow:
@@ -101,7 +101,7 @@ class SweepRecorder(Callback):
     def _open_run(self, trial_id: str, record: dict[str, Any]) -> str:
         """The trial's nested run: reopened when the trial runs again after a resume, else created with the
         trial's resolved config as params."""
-        import mlflow
+        from trainer.mlflow_params import log_params_batched
 
         if record.get("run_id"):
             self.client.update_run(record["run_id"], status="RUNNING")
@@ -110,10 +110,7 @@ class SweepRecorder(Callback):
                 "wsssrec.sweep": self.mlflow["sweep"], "wsssrec.trial_id": trial_id}
         run = self.client.create_run(self.mlflow["experiment_id"], run_name=f"{self.mlflow['sweep']}-{trial_id}",
                                      tags=tags)
-        params = [mlflow.entities.Param(k, str(v)[:6000])
-                  for k, v in flatten(trial_config(self.base, record["params"], trial_id)).items()]
-        for start in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[start:start + 100])
+        log_params_batched(self.client, run.info.run_id, flatten(trial_config(self.base, record["params"], trial_id)))
         return run.info.run_id
 
     def _close_run(self, record: dict[str, Any], status: str) -> None:

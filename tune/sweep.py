@@ -1,5 +1,6 @@
-"""Ray Tune sweep over λ_m, λ_c and K: every trial trains stage 2 as a Ray Train TorchTrainer (DeepSpeed inside)
-against one shared g, ASHA stops weak trials between rungs, MLflow holds a parent run with one nested run per
+"""Ray Tune sweep over the search table of tune/settings.py (λ_m, λ_c and K by default; any config key can be
+added in the sweep file): every trial trains stage 2 as a Ray Train TorchTrainer (DeepSpeed inside) against one
+shared g, ASHA stops weak trials between rungs, MLflow holds a parent run with one nested run per
 trial, and the best segmenter is registered (alias `champion` only if it beats the current one).
 
     python tune/sweep.py --config configs/sweep_toy_birds.yaml [key.sub=value ...] [--num-samples N] [--resume]
@@ -17,16 +18,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script (`python tune/sweep.py`, `ray submit`): import the package
-    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-        sys.path.pop(0)  # tune/ itself must not shadow packages
-    _root = Path(__file__).resolve().parent.parent
-    if (_root / "trainer").is_dir() and str(_root) not in sys.path:
-        sys.path.insert(0, str(_root))
+if __name__ == "__main__" and not __package__:
+    # Run as a file: `python tune/sweep.py`, or `ray submit`, which copies this file to the head node and runs
+    # it there as ~/sweep.py. Hand over to the installed package's tune.sweep, so the code that runs is the
+    # cluster's own, and drop this file's folder from the path (tune/'s modules must not shadow top-level ones).
+    import runpy
 
-import yaml  # noqa: E402
+    sys.path.pop(0)
+    try:
+        runpy.run_module("tune.sweep", run_name="__main__", alter_sys=True)
+    except ModuleNotFoundError as err:
+        if err.name != "tune":
+            raise
+        sys.exit("sweep: error: the wsssrec package is not installed here (pip install -e . in the checkout, "
+                 "or run `python -m tune.sweep` from it)")
+    sys.exit(0)
 
-from tune.settings import Sweep, SweepConfig, k_range, load_sweep, settings_dict  # noqa: E402
+import yaml  # noqa: E402  (after the script launcher above)
+
+from trainer.config import Config  # noqa: E402
+from tune.settings import (Dimension, Sweep, SweepConfig, component_range, config_value, dimensions,  # noqa: E402
+                           load_sweep, settings_dict)
 
 STATE = "sweep.json"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API client looks first
@@ -36,22 +48,24 @@ def _absolute(value: str) -> str:
     return value if not value or "://" in value else str(Path(value).resolve())
 
 
-def resolve_paths(cfg) -> None:
-    """Trials run in Ray worker processes with other working directories: make every local path absolute."""
+def resolve_paths(cfg: Config) -> Config:
+    """The config with every local path absolute (a new Config): trials run in Ray worker processes with other
+    working directories."""
+    from trainer.config import with_overrides
     from trainer.engine import deepspeed_config_path
 
-    cfg.data.url = _absolute(cfg.data.url)
-    cfg.train.out_dir = _absolute(cfg.train.out_dir)
-    cfg.train.deepspeed = str(deepspeed_config_path(cfg.train.deepspeed).resolve())
+    paths = {"data.url": _absolute(cfg.data.url), "train.out_dir": _absolute(cfg.train.out_dir),
+             "train.deepspeed": str(deepspeed_config_path(cfg.train.deepspeed).resolve())}
     if not cfg.classifier.checkpoint.startswith(("models:/", "runs:/")):
-        cfg.classifier.checkpoint = _absolute(cfg.classifier.checkpoint)
+        paths["classifier.checkpoint"] = _absolute(cfg.classifier.checkpoint)
     if cfg.classifier.init not in ("imagenet", "none", ""):
-        cfg.classifier.init = _absolute(cfg.classifier.init)
+        paths["classifier.init"] = _absolute(cfg.classifier.init)
     uri = cfg.mlflow.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        cfg.mlflow.tracking_uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        paths["mlflow.tracking_uri"] = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     if "://" not in cfg.mlflow.artifact_location:
-        cfg.mlflow.artifact_location = _absolute(cfg.mlflow.artifact_location)
+        paths["mlflow.artifact_location"] = _absolute(cfg.mlflow.artifact_location)
+    return with_overrides(cfg, paths)
 
 
 # ---- the shared g ----
@@ -105,10 +119,9 @@ def train_shared_classifier(cfg, sweep_dir: Path) -> None:
 # ---- MLflow parent run ----
 
 def open_parent_run(cfg, settings: SweepConfig, lineage: dict[str, str], previous: str | None) -> dict[str, str]:
-    import mlflow
-
     from trainer.config import flatten
     from trainer.files import git_revision
+    from trainer.mlflow_params import log_params_batched
     from trainer.tracking import connect, experiment_id_for, manifest_fingerprint, tracking_uri
 
     uri = tracking_uri(cfg)
@@ -119,34 +132,46 @@ def open_parent_run(cfg, settings: SweepConfig, lineage: dict[str, str], previou
         return {"uri": uri, "experiment_id": experiment_id, "parent_run_id": previous, "sweep": settings.name}
     tags = {"wsssrec.kind": "sweep", **git_revision(), **manifest_fingerprint(cfg.data.url), **lineage}
     run = client.create_run(experiment_id, run_name=settings.name, tags=tags)
-    values = {**flatten(cfg.to_dict()), **flatten(settings_dict(settings), "sweep.")}
-    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in values.items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    log_params_batched(client, run.info.run_id, {**flatten(cfg.to_dict()), **flatten(settings_dict(settings), "sweep.")})
     return {"uri": uri, "experiment_id": experiment_id, "parent_run_id": run.info.run_id, "sweep": settings.name}
 
 
 # ---- Ray Tune ----
 
 def search_space(settings: SweepConfig, num_classes: int) -> dict[str, Any]:
+    """Tune's param_space from the sweep's search table: one entry per searched name, a constant where the
+    range is a single value."""
+    return {dim.name: _domain(dim, num_classes) for dim in dimensions(settings.search)}
+
+
+def _domain(dim: Dimension, num_classes: int) -> Any:
     from ray import tune
 
-    space: dict[str, Any] = {}
-    for key in ("lambda_m", "lambda_c"):
-        low, high = (float(v) for v in getattr(settings.search, key))
-        space[key] = low if low == high else tune.loguniform(low, high)
-    k_low, k_high = k_range(settings, num_classes)
-    space["K"] = k_low if k_low == k_high else tune.randint(k_low, k_high + 1)
-    return space
+    if dim.distribution == "choice":
+        return dim.values[0] if len(dim.values) == 1 else tune.choice(dim.values)
+    if dim.distribution in ("components", "int"):
+        low, high = (component_range(dim.values, num_classes, dim.name) if dim.distribution == "components"
+                     else (int(v) for v in dim.values))
+        return low if low == high else tune.randint(low, high + 1)
+    low, high = (float(v) for v in dim.values)
+    if low == high:
+        return low
+    return tune.loguniform(low, high) if dim.distribution == "loguniform" else tune.uniform(low, high)
 
 
 def start_points(settings: SweepConfig, cfg, num_classes: int) -> list[dict[str, Any]]:
     """sweep.points_to_evaluate completed with the experiment's values; K 0 → C + 1."""
+    dims = dimensions(settings.search)
     points = []
     for point in settings.points_to_evaluate:
-        full = {"lambda_m": cfg.objective.lambda_m, "lambda_c": cfg.objective.lambda_c, "K": cfg.model.K, **point}
-        full["K"] = int(full["K"]) or num_classes + 1
-        full["lambda_m"], full["lambda_c"] = float(full["lambda_m"]), float(full["lambda_c"])
+        full = {**{dim.name: config_value(cfg, dim.key) for dim in dims}, **point}
+        for dim in dims:
+            if dim.distribution == "components":
+                full[dim.name] = int(full[dim.name]) or num_classes + 1
+            elif dim.distribution == "int":
+                full[dim.name] = int(full[dim.name])
+            elif dim.distribution != "choice":
+                full[dim.name] = float(full[dim.name])
         points.append(full)
     return points
 
@@ -259,8 +284,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"sweep.num_samples={args.num_samples}"] if args.num_samples else [])
     sweep: Sweep = load_sweep(args.config, overrides)
-    settings, cfg = sweep.settings, sweep.experiment
-    resolve_paths(cfg)
+    settings = sweep.settings
+    cfg = resolve_paths(sweep.experiment)
     classes = dataset_classes(cfg)
     metric, mode = resolve_metric(cfg, settings.split, settings.metric)
     sweep_dir = Path(cfg.train.out_dir) / settings.name
@@ -379,8 +404,7 @@ def finish(recorder, state: dict[str, Any], tracking: dict[str, str] | None, cla
             tags["registered.segmenter"] = f"v{summary['registered']['version']}@{summary['registered']['alias']}"
         _close_parent(tracking, "FINISHED", {f"best/{metric}": value, "sweep_seconds": seconds}, tags)
     write_json(sweep_dir / "summary.json", summary)
-    p = best["params"]
-    print(f"best trial {best['trial_id']}: lambda_m={p['lambda_m']:.4g} lambda_c={p['lambda_c']:.4g} K={p['K']} "
+    print(f"best trial {best['trial_id']}: {' '.join(f'{k}={_shown(v)}' for k, v in best['params'].items())} "
           f"{metric}={value:.4f} ({best['outcome']}); {version_text}")
     return summary
 
@@ -397,15 +421,20 @@ def _close_parent(tracking: dict[str, str], status: str, metrics: dict[str, floa
     client.set_terminated(tracking["parent_run_id"], status)
 
 
+def _shown(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def results_table(rows: list[dict[str, Any]], metric: str) -> str:
-    lines = [f"| trial | lambda_m | lambda_c | K | rungs | {metric} | train/loss | outcome |",
-             "|---|---|---|---|---|---|---|---|"]
+    names = list(rows[0]["params"]) if rows else []
+    lines = [f"| trial | {' | '.join(names)} | rungs | {metric} | train/loss | outcome |",
+             "|---" * (len(names) + 5) + "|"]
     for row in rows:
         p, m = row["params"], row["metrics"]
         value = f"{m[metric]:.4f}" if metric in m else "-"
         loss = f"{m['train/loss']:.4f}" if "train/loss" in m else "-"
-        lines.append(f"| {row['trial_id']} | {p['lambda_m']:.4g} | {p['lambda_c']:.4g} | {p['K']} | "
-                     f"{int(m.get('rung', 0))} | {value} | {loss} | {row['outcome']} |")
+        shown = " | ".join(_shown(p.get(name, "-")) for name in names)
+        lines.append(f"| {row['trial_id']} | {shown} | {int(m.get('rung', 0))} | {value} | {loss} | {row['outcome']} |")
     return "\n".join(lines)
 
 

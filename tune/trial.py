@@ -1,21 +1,17 @@
 """One sweep trial: stage 2 as a Ray Train `TorchTrainer` with N workers (DeepSpeed inside each), for the
-trial's λ_m, λ_c and K. `train.steps` is run in `rungs` pieces; each piece resumes from the previous one's
+trial's searched values (λ_m, λ_c, K, ...). `train.steps` is run in `rungs` pieces; each piece resumes from the previous one's
 DeepSpeed checkpoint (`train.resume`), is validated on rank 0 and reported to Ray Train with a checkpoint,
 which `TuneReportCallback` hands to Tune, so ASHA can stop the trial between pieces. A restored trial (same
 trial id, so the same Train run name) continues after its last reported piece."""
 from __future__ import annotations
 
-import copy
 import json
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-SEARCHED = ("lambda_m", "lambda_c", "K")
-_RANK_FILE = re.compile(r"^zero_pp_rank_(\d+)_")
 
 
 def rung_ends(steps: int, rungs: int) -> list[int]:
@@ -29,15 +25,18 @@ def rung_ends(steps: int, rungs: int) -> list[int]:
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str) -> dict[str, Any]:
-    """The experiment config of one trial: the sweep's base with the trial's λ_m, λ_c, K, its own run folder
-    and checkpoints only at piece ends. MLflow is the sweep driver's job, so the trial's stages do not log."""
-    cfg = copy.deepcopy(base)
-    cfg["objective"]["lambda_m"] = float(params["lambda_m"])
-    cfg["objective"]["lambda_c"] = float(params["lambda_c"])
-    cfg["model"]["K"] = int(params["K"])
-    cfg["train"].update(run_name=trial_id, resume="auto", checkpoint_every=0, keep_last=1)
-    cfg["mlflow"]["enabled"] = False
-    return cfg
+    """The experiment config of one trial: the sweep's base with the trial's searched values (each set on its
+    config key, tune/settings.py SEARCHABLE), its own run folder and checkpoints only at piece ends. MLflow is
+    the sweep driver's job, so the trial's stages do not log."""
+    from trainer.config import config_from_dict, with_overrides
+
+    from .settings import config_key
+
+    values = {config_key(name): value.item() if hasattr(value, "item") else value  # numpy scalars from Tune
+              for name, value in params.items()}
+    values.update({"train.run_name": trial_id, "train.resume": "auto", "train.checkpoint_every": 0,
+                   "train.keep_last": 1, "mlflow.enabled": False})
+    return with_overrides(config_from_dict(base), values).to_dict()
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], plan: dict[str, Any]) -> None:
@@ -67,7 +66,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from trainer.config import ObjectiveConfig, config_from_dict
+    from trainer.config import ObjectiveConfig, config_from_dict, with_overrides
     from trainer.files import run_dir
     from trainer.registry import resolve_classifier, resolve_init_from
     from trainer.train import train_segmenter
@@ -88,7 +87,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             previous_end = end
             continue
         started = time.time()
-        cfg.train.steps = end
+        cfg = with_overrides(cfg, {"train.steps": end})
         segmenter = train_segmenter(cfg, init_lineage=init_lineage).weights
         metrics: dict[str, Any] = {}
         if rank == 0:
@@ -107,18 +106,15 @@ def stage_checkpoint(run: Path, step: int, rank: int, staging: Path) -> None:
     """This rank's share of the piece's checkpoint: its own ZeRO shard files; rank 0 also the rest (model
     states, complete.json) and segmenter.pt. Ray Train merges every rank's share into one folder, so ranks
     on different nodes each upload what only they wrote."""
-    from trainer.checkpoint import tag
+    from trainer.checkpoint import files_of_rank, tag
 
-    source = run / "checkpoints" / tag(step)
     target = staging / "checkpoints" / tag(step)
     target.mkdir(parents=True)
-    for path in source.iterdir():
-        match = _RANK_FILE.match(path.name)
-        if (match and int(match.group(1)) == rank) or (not match and rank == 0):
-            if path.is_dir():
-                shutil.copytree(path, target / path.name)
-            else:
-                shutil.copy2(path, target / path.name)
+    for path in files_of_rank(run / "checkpoints" / tag(step), rank):
+        if path.is_dir():
+            shutil.copytree(path, target / path.name)
+        else:
+            shutil.copy2(path, target / path.name)
     if rank == 0:
         shutil.copy2(run / "segmenter.pt", staging / "segmenter.pt")
 
