@@ -41,12 +41,29 @@ def _check_tracking(cfg) -> None:
         connect(tracking_uri(cfg))
 
 
+def _check_segmenter_inputs(cfg) -> None:
+    """Stage 2's inputs beyond the data, checked before the stage writes into its run folder: g's weights and
+    `model.init_from` must exist (registry URIs are resolved to files by then)."""
+    from pathlib import Path
+
+    from .weights import classifier_path
+
+    g = classifier_path(cfg)
+    if not g.is_file():
+        raise FileNotFoundError(f"classifier checkpoint {g} does not exist: run `wsssrec train-classifier` "
+                                "first or set classifier.checkpoint=PATH")
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
+        raise FileNotFoundError(f"model.init_from {cfg.model.init_from} does not exist")
+
+
 def cmd_train_classifier(args) -> None:
     from .classifier import train_classifier
+    from .loop import check_stage_inputs
     from .registry import register_stage
 
     cfg = _config(args)
     _check_tracking(cfg)
+    check_stage_inputs(cfg)
     result = train_classifier(cfg)
     if _registers(cfg):
         register_stage(cfg, result)
@@ -63,12 +80,15 @@ def _resolve_uris(cfg):
 
 
 def cmd_train(args) -> None:
+    from .loop import check_stage_inputs
     from .registry import register_stage
     from .train import train_segmenter
 
     cfg = _config(args)
     _check_tracking(cfg)
+    check_stage_inputs(cfg)  # before URI resolution, which downloads into the run folder
     cfg, lineage = _resolve_uris(cfg)
+    _check_segmenter_inputs(cfg)
     result = train_segmenter(cfg, lineage=lineage)
     if _registers(cfg):
         register_stage(cfg, result)

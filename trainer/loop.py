@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_shards.manifest import read_manifest
+
 from .config import Config
 from .distributed import all_reduce_mean, init_distributed, seed_everything, set_threads
 from .files import run_dir, save_resolved_config
@@ -49,9 +51,17 @@ class StepMeter:
         return record
 
 
+def check_stage_inputs(cfg: Config) -> None:
+    """What every stage reads first, checked before anything is written into its run folder (which may hold
+    a finished run): the data manifest must be readable. Raises DataError naming the URL."""
+    read_manifest(cfg.data.url)
+
+
 def start_stage(cfg: Config) -> tuple[int, int, Path]:
-    """Common start of both training stages: distributed init, threads, the same seed on every rank (same
-    initial weights), the run folder with the resolved config written by rank 0. Returns rank, world, folder."""
+    """Common start of both training stages: the inputs checked (`check_stage_inputs`: a failing command
+    leaves the run folder as it was), distributed init, threads, the same seed on every rank (same initial
+    weights), the run folder with the resolved config written by rank 0. Returns rank, world, folder."""
+    check_stage_inputs(cfg)
     rank, world = init_distributed(cfg.train.dist_timeout_s)
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
