@@ -11,6 +11,7 @@ from data_shards.errors import DataError
 
 from .config import ConfigError, load_config
 from .tracking import TrackingError
+from .weights import WeightsError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, TrackingError) as err:
+    except (ConfigError, DataError, FileNotFoundError, TrackingError, WeightsError) as err:
         print(f"wsssrec: error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_shards.errors import DataError
 
@@ -23,6 +23,8 @@ def decode_image(item: Any, where: str = "image") -> np.ndarray:
     """One image as H×W×3 uint8 RGB from encoded bytes (JPEG/PNG/...), a base64 string of them, or pixels
     (H×W×3 or H×W: integers 0-255, or floats 0-1, as an array or nested lists). Anything else is refused with
     a ModelInputError that starts with `where` and says what was wrong."""
+    if isinstance(item, np.ndarray) and item.dtype.kind in "SUO" and item.size == 1:
+        item = item.reshape(-1)[0]  # MLflow hands `instances`/`inputs` records over as one-element arrays
     if isinstance(item, str):
         try:
             item = base64.b64decode(item, validate=False)
@@ -49,8 +51,22 @@ def _decode_bytes(data: bytes, where: str) -> np.ndarray:
             return _to_rgb(img, where)
     except ModelInputError:
         raise
+    except UnidentifiedImageError as err:
+        unwrapped = _base64_bytes(data)  # `instances` records reach the model as base64 text, not decoded
+        if unwrapped is not None:
+            return _decode_bytes(unwrapped, where)
+        raise ModelInputError(f"{where}: not a readable JPEG/PNG image ({err})") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ModelInputError(f"{where}: not a readable JPEG/PNG image ({err})") from None
+
+
+def _base64_bytes(data: bytes) -> bytes | None:
+    """The bytes that `data` encodes when it is base64 text of something else, else None."""
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return decoded if decoded and decoded != data else None
 
 
 def _to_rgb(img: Image.Image, where: str) -> np.ndarray:
@@ -123,18 +139,27 @@ def _check_pixels(item: Any, where: str) -> np.ndarray:
     raise ModelInputError(f"{where}: pixels must be integers 0-255 or floats 0-1, got dtype {pixels.dtype}")
 
 
-def model_input_images(model_input: Any) -> list[np.ndarray]:
+def model_input_images(model_input: Any, dropped_columns: list[str] | None = None) -> list[np.ndarray]:
     """The images of a pyfunc input: a DataFrame with an `image` (bytes) or `pixels` (array) column, a dict of
-    such lists, a list of bytes/arrays, or one array (H×W×3) or a batch of them (B×H×W×3)."""
+    such lists, a list of bytes/arrays, or one array (H×W×3) or a batch of them (B×H×W×3).
+    `dropped_columns`: columns the request had that MLflow's schema enforcement removed (named in errors)."""
     import pandas as pd
 
     if isinstance(model_input, dict):
-        model_input = pd.DataFrame({k: list(v) for k, v in model_input.items()})
+        try:
+            model_input = pd.DataFrame({k: list(v) for k, v in model_input.items()})
+        except (TypeError, ValueError) as err:
+            raise ModelInputError(f"input columns {list(model_input)} must be lists of equal length ({err})") from None
     if isinstance(model_input, pd.DataFrame):
         columns = [c for c in ("image", "pixels") if c in model_input.columns]
         if not columns:
-            raise ModelInputError(f"input has columns {list(model_input.columns)}; expected 'image' (JPEG/PNG "
-                                  "bytes, base64 in JSON) or 'pixels' (H×W×3 arrays)")
+            given = [str(c) for c in model_input.columns] + [c for c in dropped_columns or []
+                                                              if c not in model_input.columns]
+            hint = (" (a bare list in `instances` or `inputs` has no column names: send records such as "
+                    '{"instances": [{"image": "<base64>"}]} or a dataframe_split with columns ["image"])'
+                    if given and all(c.isdigit() for c in given) else "")
+            raise ModelInputError(f"input has {'columns ' + repr(given) if given else 'no columns'}; expected "
+                                  f"'image' (JPEG/PNG bytes, base64 in JSON) or 'pixels' (H×W×3 arrays){hint}")
         images = []
         for i, row in enumerate(model_input[columns].itertuples(index=False)):
             values = [v for v in row if v is not None and not (isinstance(v, float) and np.isnan(v))]

@@ -5,15 +5,19 @@ arrays) and returns per-image label masks (0 background, c + 1 class c) at each 
 `mlflow models serve -m models:/wsssrec-segmenter@champion --env-manager local` answers REST requests."""
 from __future__ import annotations
 
+import ast
 import json
+import logging
+import re
 import shutil
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .config import Config, config_from_dict
-from .images import model_input_images
+from .images import ModelInputError, model_input_images
 from .inference import ClassifierPredictor, SegmenterPredictor
 from .models import FrozenClassifier
 from .weights import load_classifier, load_segmenter
@@ -64,16 +68,50 @@ def load_model_dir(model_dir: str | Path) -> SegmenterPredictor | ClassifierPred
 
 # ---- the pyfunc ----
 
+class _DroppedColumns(logging.Filter):
+    """MLflow's schema enforcement drops input columns the signature does not name before the model sees the
+    DataFrame, and says so only in a log warning. This filter (it lets every record through) keeps the names
+    that warning lists, per thread, so that the model's error can name the columns the request really had."""
+
+    _EXTRA = re.compile(r"Found extra inputs in the model input.*?`(\[.*?\])`")
+
+    def __init__(self):
+        super().__init__()
+        self._seen = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = self._EXTRA.search(str(record.msg))
+        if match:
+            try:
+                self._seen.names = [str(n) for n in ast.literal_eval(match.group(1))]
+            except (ValueError, SyntaxError):
+                pass
+        return True
+
+    def take(self) -> list[str]:
+        names, self._seen.names = getattr(self._seen, "names", []), []
+        return names
+
+
 class PyfuncModel:
-    """What `mlflow.pyfunc.load_model` returns for a wsssrec model."""
+    """What `mlflow.pyfunc.load_model` returns for a wsssrec model. Bad input raises MlflowException with
+    INVALID_PARAMETER_VALUE, which `mlflow models serve` answers as HTTP 400 with the message and without a
+    stack trace (any other exception becomes a generic message plus the server's traceback)."""
 
     def __init__(self, predictor: SegmenterPredictor | ClassifierPredictor):
         self.predictor = predictor
+        self._dropped = _DroppedColumns()
+        logging.getLogger("mlflow.models.utils").addFilter(self._dropped)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None):
         import pandas as pd
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        images = model_input_images(model_input)
+        try:
+            images = model_input_images(model_input, dropped_columns=self._dropped.take())
+        except ModelInputError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         if self.predictor.kind == "classifier":
             return pd.DataFrame(self.predictor.classify(images), columns=["probabilities"])
         want_probs = bool((params or {}).get("probabilities", False))

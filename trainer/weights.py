@@ -4,6 +4,7 @@ only), and `model.init_from` (copying the matching tensors of another segmenter)
 `torch.load(weights_only=True)`: plain tensors, never a pickle of code."""
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,15 @@ def read_segmenter_file(path: str | Path) -> SegmenterFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"segmenter checkpoint {path} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text would suggest weights_only=False: never for a file handed over
+        raise WeightsError(f"{path} is not a readable segmenter.pt: not a torch file of plain tensors (damaged, or "
+                           "holding objects wsssrec does not unpickle, as that could run code)") from None
+    except Exception as err:  # a truncated or garbage file: RuntimeError, EOFError, ... from deep inside torch
+        reason = str(err).strip().split(". ")[0] or type(err).__name__
+        raise WeightsError(f"{path} is not a readable segmenter.pt (truncated, damaged or not a torch file: "
+                           f"{reason})") from None
     if not isinstance(blob, dict) or not {"state_dict", "config", "classes"} <= set(blob):
         raise WeightsError(f"{path} is not a wsssrec segmenter.pt (expected a state_dict with its stored config "
                            "and classes)")
