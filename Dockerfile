@@ -5,7 +5,8 @@
 #                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
 # `docker run --rm wsssrec:cpu demo -c configs/toy_birds.yaml` runs `wsssrec demo ...`. The Ray cluster YAMLs in
 # deploy/ start the same image with --entrypoint="" because Ray's launcher runs its own commands in it.
-ARG BASE_IMAGE=debian:bookworm-slim
+# an exact point-release tag, not the moving `bookworm-slim` (Debian 12: Python 3.11, as deploy/requirements.lock)
+ARG BASE_IMAGE=debian:12.12-slim
 FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
@@ -23,7 +24,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # python3-venv: the environment; g++, ninja-build, python3-dev: DeepSpeed JIT-builds its shm_comm op on first
 # use; rsync, openssh-client: Ray's cluster launcher copies files into the container and reaches workers
 # over ssh; git: runs record their git revision. Versions are not pinned because the CPU (Debian) and CUDA
-# (Ubuntu) bases carry different ones; the base image tag is the pin.
+# (Ubuntu) bases carry different ones; the exact base image tag is the pin.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
@@ -43,7 +44,8 @@ COPY --chown=10001:10001 data_shards/ data_shards/
 COPY --chown=10001:10001 trainer/ trainer/
 COPY --chown=10001:10001 tune/ tune/
 COPY --chown=10001:10001 deploy/ deploy/
-RUN pip install "./[${EXTRAS}]" \
+# every other dependency at the version the tests ran with (deploy/requirements.lock: pip freeze of that venv)
+RUN pip install "./[${EXTRAS}]" -c deploy/requirements.lock \
  && rm -rf build ./*.egg-info
 COPY --chown=10001:10001 configs/ configs/
 

@@ -5,6 +5,7 @@ the standard AWS environment: AWS_ENDPOINT_URL, AWS_PROFILE, ...)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from .errors import DataError
 from .manifest import read_manifest, url_sizes
@@ -51,7 +52,7 @@ def _convert_coco(args: argparse.Namespace) -> None:
     _print_manifest(path)
 
 
-def _print_manifest(url: str) -> None:
+def _print_manifest(url: str) -> list[str]:
     manifest = read_manifest(url)
     print(f"manifest {manifest.url}")
     print(f"classes ({len(manifest.classes)}): {', '.join(manifest.classes)}")
@@ -66,16 +67,21 @@ def _print_manifest(url: str) -> None:
     if missing:
         print(f"MISSING {len(missing)} shard(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     print(f"total {sum(i.samples for i in manifest.splits.values())} samples, {total_bytes} bytes")
+    return missing
 
 
 def _ls(args: argparse.Namespace) -> None:
-    _print_manifest(args.manifest)
+    missing = _print_manifest(args.manifest)
+    if missing:  # a data set that cannot be read in full is an error, for scripts too
+        raise DataError(f"manifest {args.manifest} lists {len(missing)} shard(s) that do not exist: {missing[0]}"
+                        f"{' ...' if len(missing) > 1 else ''}")
 
 
 def _upload(args: argparse.Namespace) -> None:
     from .writer import copy_dataset
 
-    path = copy_dataset(args.source, args.dest, overwrite=args.overwrite,
+    source = args.source if "://" in args.source else os.path.abspath(args.source)  # shards keep their names
+    path = copy_dataset(source, args.dest, overwrite=args.overwrite,
                         progress=lambda src, dst: print(f"copied {src} -> {dst}", flush=True))
     print(f"wrote manifest {path} (last)")
     _print_manifest(path)

@@ -194,7 +194,7 @@ def cmd_predict(args) -> None:
 
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    predict(args.model, args.images, args.out, batch_size=args.batch_size)
+    predict(args.model, args.images, args.out, batch_size=args.batch_size, classifier=args.classifier)
 
 
 def cmd_registry(args) -> None:
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder, image file or s3://bucket/prefix of images")
     p.add_argument("--out", required=True, help="folder (or s3:// prefix) for <stem>.png masks and overlays/")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--classifier", help="g's classifier.pt for a segmenter.pt that gates its masks (default: the "
+                   "one its training config names, else the classifier.pt beside the segmenter.pt)")
     p.add_argument("--tracking-uri", help="MLflow server (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("registry", help="MLflow model registry: list versions, promote a version to an alias")

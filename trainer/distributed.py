@@ -1,4 +1,5 @@
-"""The process side of a training run: distributed init (a plain process becomes a world of one on 127.0.0.1),
+"""The process side of a training run: distributed init (a plain process becomes a world of one that listens
+on no port but loopback),
 threads, seeding and RNG state, and means over ranks."""
 from __future__ import annotations
 
@@ -23,14 +24,21 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     `deepspeed` launcher or torchrun the environment is already set. gloo on CPU, NCCL on GPU. A collective
     that waits longer than `timeout_s` (a peer died) raises instead of hanging."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    if "RANK" not in os.environ:
+    alone = "RANK" not in os.environ
+    if alone:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(free_port())})
+        for name in ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME"):  # gloo's and tensorpipe's sockets on loopback
+            os.environ.setdefault(name, "lo")
     import deepspeed
 
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if alone:  # an in-memory store: env:// would start a TCPStore listening on every interface
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                                 store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                                 timeout=timedelta(seconds=timeout_s))
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -26,8 +26,14 @@ def stage_run_name(cfg: Config, stage: str) -> str:
     return f"{run_name(cfg)}-{stage}"
 
 
+def run_path(cfg: Config) -> Path:
+    """The run folder, `train.out_dir`/<run name>, without creating it."""
+    return Path(cfg.train.out_dir) / run_name(cfg)
+
+
 def run_dir(cfg: Config) -> Path:
-    path = Path(cfg.train.out_dir) / run_name(cfg)
+    """The run folder, created when missing."""
+    path = run_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -19,14 +19,15 @@ from data_shards.errors import DataError
 from data_shards.manifest import open_url
 
 from .config import Config
-from .files import run_dir
+from .files import run_dir, run_path
 from .images import ModelInputError, decode_image
 from .inference import BATCH_SIZE, SegmenterPredictor
 from .model_uri import download, is_model_uri
+from .models import FrozenClassifier
 from .pyfunc import load_model_dir
 from .tracking import tracking_uri
 from .viz import PALETTE, colorize
-from .weights import load_frozen_g, load_segmenter
+from .weights import CLASSIFIER_FILE, load_classifier, load_segmenter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -82,47 +83,77 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
 
 
 def predict_images(predictor: SegmenterPredictor, source: str, out: str,
-                   batch_size: int = BATCH_SIZE) -> list[str]:
-    """Segment every image under `source`; returns the URLs of the label PNGs written under `out`."""
+                   batch_size: int = BATCH_SIZE) -> tuple[list[str], list[str]]:
+    """Segment every image under `source`. An image that cannot be read is named on stderr and skipped; the
+    others are still written. Returns the URLs of the label PNGs written under `out` and the failures
+    ("<url>: <why>")."""
     if getattr(predictor, "kind", "") != "segmenter":
         raise ValueError(f"wsssrec predict needs a segmenter; this model is a {predictor.kind}")
     images = list_images(source)
     out = out.rstrip("/") or "/"
     join = (lambda *p: "/".join([out, *p])) if "://" in out else (lambda *p: os.path.join(out, *p))
-    written = []
+    written, failed = [], []
     bar = tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True)
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        pixels = []
-        for url, rel in chunk:
+        chunk, pixels = [], []
+        for url, rel in images[start:start + batch_size]:
             try:
                 with open_url(url, "rb") as f:
                     pixels.append(decode_image(f.read(), url))
+                chunk.append((url, rel))
             except (OSError, DataError) as err:
-                raise ModelInputError(f"cannot read image {url}: {err}") from None
-        for (url, rel), image, row in zip(chunk, pixels, predictor.segment(pixels, batch_size=batch_size)):
+                message = str(err) if str(err).startswith(url) else f"{url}: {err}"
+                failed.append(message)
+                tqdm.write(f"wsssrec: skipped {message}", file=sys.stderr)
+        rows = predictor.segment(pixels, batch_size=batch_size) if pixels else []
+        for (url, rel), image, row in zip(chunk, pixels, rows):
             stem = rel.rsplit(".", 1)[0]
             mask_url = join(f"{stem}.png")
             _write(mask_url, _encode(label_png(row["mask"]), "PNG"))
             _write(join("overlays", f"{stem}.jpg"), _encode(overlay(image, row["mask"]), "JPEG"))
             written.append(mask_url)
-        bar.update(len(chunk))
+        bar.update(min(batch_size, len(images) - start))
     bar.close()
-    return written
+    return written, failed
 
 
-def predict(model: str, source: str, out: str, batch_size: int = BATCH_SIZE, cache_dir: str | None = None) -> list[str]:
-    """`wsssrec predict`: load the segmenter named by `model` (URI, folder or checkpoint), then segment."""
-    predictor = load_predictor(model, cache_dir)
-    written = predict_images(predictor, source, out, batch_size)
+def predict(model: str, source: str, out: str, batch_size: int = BATCH_SIZE, cache_dir: str | None = None,
+            classifier: str | None = None) -> list[str]:
+    """`wsssrec predict`: load the segmenter named by `model` (URI, folder or checkpoint), then segment. Images
+    that cannot be read are skipped and named; after the others are written, a ModelInputError lists them."""
+    predictor = load_predictor(model, cache_dir, classifier=classifier)
+    written, failed = predict_images(predictor, source, out, batch_size)
     print(f"wrote {len(written)} label masks (0 background, c + 1 class c; classes: "
           f"{', '.join(predictor.classes)}) and overlays to {out}")
+    if failed:
+        raise ModelInputError(f"{len(failed)} of {len(written) + len(failed)} images could not be read and have "
+                              f"no mask: {'; '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}")
     return written
 
 
-def load_predictor(uri: str, cache_dir: str | Path | None = None):
+def gate_classifier_path(segmenter: Path, cfg: Config, classifier: str | None = None) -> Path:
+    """g's weights for a segmenter.pt whose config turns the gate on: `classifier` when given; else the path
+    its training config names (relative to the working directory of that run) or, when that does not exist
+    here, the same file name beside the segmenter.pt (the run folder holds both)."""
+    if classifier:
+        path = Path(classifier)
+        if not path.is_file():
+            raise FileNotFoundError(f"--classifier {classifier} does not exist")
+        return path
+    stored = Path(cfg.classifier.checkpoint) if cfg.classifier.checkpoint else run_path(cfg) / CLASSIFIER_FILE
+    candidates = [stored, segmenter.parent / stored.name, segmenter.parent / CLASSIFIER_FILE]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the segmenter {segmenter} gates its masks with g (eval.gate_threshold = "
+                            f"{cfg.eval.gate_threshold}) but g's weights are in none of "
+                            f"{', '.join(dict.fromkeys(map(str, candidates)))}: pass --classifier PATH")
+
+
+def load_predictor(uri: str, cache_dir: str | Path | None = None, classifier: str | None = None):
     """A segmenter or classifier predictor from a registry/run URI, a downloaded model folder, or a local
-    checkpoint file (segmenter.pt); weights always load with weights_only=True."""
+    checkpoint file (segmenter.pt; `classifier` overrides where its gate's g is); weights always load with
+    weights_only=True."""
     path = Path(uri)
     if not is_model_uri(uri):
         if path.is_dir():
@@ -131,7 +162,7 @@ def load_predictor(uri: str, cache_dir: str | Path | None = None):
             model, cfg, classes = load_segmenter(path)
             if cfg.eval.gate_threshold <= 0:
                 return SegmenterPredictor(model, cfg, classes)
-            _, g = load_frozen_g(cfg, len(classes))
+            g = FrozenClassifier(load_classifier(gate_classifier_path(path, cfg, classifier), len(classes)))
             return SegmenterPredictor(model, cfg, classes, g=g, gate_threshold=cfg.eval.gate_threshold)
         raise FileNotFoundError(f"model {uri} is neither a models:/ or runs:/ URI nor an existing checkpoint "
                                 "or model folder")
@@ -141,6 +172,7 @@ def load_predictor(uri: str, cache_dir: str | Path | None = None):
     with tempfile.TemporaryDirectory(prefix="wsssrec-model-") as tmp:  # weights are read into memory
         _, local = download(uri, Path(tmp) / "model")
         return load_model_dir(local)
+
 
 def export_sample_images(cfg: Config, out: Path, count: int = 8) -> Path:
     """A few images of the last evaluation split as plain JPEGs, so the printed predict command runs as is."""
