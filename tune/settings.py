@@ -174,7 +174,8 @@ class SweepConfig:
     use_gpu: bool = False  # one GPU per worker (NCCL); CPU workers use gloo
     cpus_per_worker: float = 1.0
     trial_cpus: float = 0.5  # the Tune trial process that launches the trial's TorchTrainer
-    storage_path: str = "runs/ray"  # Ray's experiment and checkpoint storage: a shared path or s3://...
+    storage_path: str = ""  # Ray's experiment and checkpoint storage: a shared path or s3://...;
+    #                          "" → $WSSSREC_STORAGE (the cluster YAMLs set it), else runs/ray
     ray_address: str = ""  # "" → $RAY_ADDRESS, else a new local Ray; "auto" joins the running cluster
     ray_num_cpus: int = 0  # a new local Ray only: CPUs it may schedule (0 = the machine's count)
     register: bool = True  # register the best trial's segmenter (champion if it beats the current one)

@@ -44,13 +44,22 @@ STATE = "sweep.json"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API client looks first
 
 
+# Where a cluster's shared places are (the cluster YAMLs set them; MLFLOW_TRACKING_URI names the tracking server)
+WORKDIR_ENV = "WSSSREC_WORKDIR"  # the folder a sweep's relative paths resolve against; default: the working dir
+STORAGE_ENV = "WSSSREC_STORAGE"  # sweep.storage_path when the sweep leaves it empty; default: runs/ray
+
+
 def _absolute(value: str) -> str:
-    return value if not value or "://" in value else str(Path(value).resolve())
+    """A local path made absolute against $WSSSREC_WORKDIR (a cluster's shared disk: `ray submit` runs the
+    sweep in the remote user's home) or else the working directory; URLs stay as they are."""
+    if not value or "://" in value:
+        return value
+    return str((Path(os.environ.get(WORKDIR_ENV) or ".") / value).resolve())
 
 
 def resolve_paths(cfg: Config) -> Config:
     """The config with every local path absolute (a new Config): trials run in Ray worker processes with other
-    working directories."""
+    working directories. Relative paths resolve against $WSSSREC_WORKDIR when it is set (see _absolute)."""
     from trainer.config import with_overrides
     from trainer.engine import deepspeed_config_path
 
@@ -62,7 +71,7 @@ def resolve_paths(cfg: Config) -> Config:
         paths["classifier.init"] = _absolute(cfg.classifier.init)
     uri = cfg.mlflow.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        paths["mlflow.tracking_uri"] = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        paths["mlflow.tracking_uri"] = "sqlite:///" + _absolute(uri[len("sqlite:///"):])
     if "://" not in cfg.mlflow.artifact_location:
         paths["mlflow.artifact_location"] = _absolute(cfg.mlflow.artifact_location)
     return with_overrides(cfg, paths)
@@ -132,7 +141,8 @@ def open_parent_run(cfg, settings: SweepConfig, lineage: dict[str, str], previou
         return {"uri": uri, "experiment_id": experiment_id, "parent_run_id": previous, "sweep": settings.name}
     tags = {"wsssrec.kind": "sweep", **git_revision(), **manifest_fingerprint(cfg.data.url), **lineage}
     run = client.create_run(experiment_id, run_name=settings.name, tags=tags)
-    log_params_batched(client, run.info.run_id, {**flatten(cfg.to_dict()), **flatten(settings_dict(settings), "sweep.")})
+    params = {**flatten(cfg.to_dict()), **flatten(settings_dict(settings), "sweep.")}
+    log_params_batched(client, run.info.run_id, params)
     return {"uri": uri, "experiment_id": experiment_id, "parent_run_id": run.info.run_id, "sweep": settings.name}
 
 
@@ -289,7 +299,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     classes = dataset_classes(cfg)
     metric, mode = resolve_metric(cfg, settings.split, settings.metric)
     sweep_dir = Path(cfg.train.out_dir) / settings.name
-    storage = _absolute(settings.storage_path)
+    storage = _absolute(settings.storage_path or os.environ.get(STORAGE_ENV) or "runs/ray")
     experiment_path = f"{storage.rstrip('/')}/{settings.name}"
     state_path = sweep_dir / STATE
     if args.resume:
@@ -313,7 +323,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 "use_gpu": settings.use_gpu, "cpus_per_worker": settings.cpus_per_worker,
                 "train_storage": f"{storage.rstrip('/')}/{settings.name}-train"}
         state = {"base": base, "plan": plan, "mlflow_config": base["mlflow"], "lineage": lineage,
-                 "metric": metric, "mode": mode, "settings": settings_dict(settings), "parent": None}
+                 "metric": metric, "mode": mode, "settings": settings_dict(settings), "parent": None,
+                 "searched": [dim.name for dim in dimensions(settings.search)]}
     tracking = None
     if cfg.mlflow.enabled:
         tracking = open_parent_run(cfg, settings, state["lineage"], state.get("parent"))
@@ -358,7 +369,7 @@ def finish(recorder, state: dict[str, Any], tracking: dict[str, str] | None, cla
     from tune.trial import trial_config
 
     metric, mode, settings = state["metric"], state["mode"], state["settings"]
-    rows = recorder.rows()
+    rows = [{**row, "params": _ordered(row["params"], state.get("searched", []))} for row in recorder.rows()]
     print(results_table(rows, metric))
     unfinished = [r["trial_id"] for r in rows if r["outcome"] == "unfinished"]
     summary: dict[str, Any] = {"metric": metric, "mode": mode, "seconds": seconds, "trials": rows,
@@ -419,6 +430,11 @@ def _close_parent(tracking: dict[str, str], status: str, metrics: dict[str, floa
     for key, value in (tags or {}).items():
         client.set_tag(tracking["parent_run_id"], key, value)
     client.set_terminated(tracking["parent_run_id"], status)
+
+
+def _ordered(params: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A trial's values in the order of the search table (Tune hands them over sorted by name)."""
+    return {**{name: params[name] for name in names if name in params}, **params}
 
 
 def _shown(value: Any) -> str:

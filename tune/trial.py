@@ -1,6 +1,6 @@
 """One sweep trial: stage 2 as a Ray Train `TorchTrainer` with N workers (DeepSpeed inside each), for the
-trial's searched values (λ_m, λ_c, K, ...). `train.steps` is run in `rungs` pieces; each piece resumes from the previous one's
-DeepSpeed checkpoint (`train.resume`), is validated on rank 0 and reported to Ray Train with a checkpoint,
+trial's searched values (λ_m, λ_c, K, ...). `train.steps` is run in `rungs` pieces; each piece resumes from
+the previous one's DeepSpeed checkpoint (`train.resume`), is validated on rank 0 and reported to Ray Train with a checkpoint,
 which `TuneReportCallback` hands to Tune, so ASHA can stop the trial between pieces. A restored trial (same
 trial id, so the same Train run name) continues after its last reported piece."""
 from __future__ import annotations
@@ -68,13 +68,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from trainer.config import ObjectiveConfig, config_from_dict, with_overrides
     from trainer.files import run_dir
-    from trainer.registry import resolve_classifier, resolve_init_from
+    from trainer.model_uri import resolve_classifier, resolve_init_from
     from trainer.train import train_segmenter
 
     from .validate import validation_metrics
 
-    cfg, _ = resolve_classifier(config_from_dict(loop_config["cfg"]))  # every rank needs g's weights as a file
+    cfg, g_lineage = resolve_classifier(config_from_dict(loop_config["cfg"]))  # every rank needs g's weights as a file
     cfg, init_lineage = resolve_init_from(cfg)  # the same for model.init_from
+    lineage = {**g_lineage, **init_lineage}
     reference = ObjectiveConfig(**loop_config["reference_objective"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -88,7 +89,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             continue
         started = time.time()
         cfg = with_overrides(cfg, {"train.steps": end})
-        segmenter = train_segmenter(cfg, init_lineage=init_lineage).weights
+        segmenter = train_segmenter(cfg, lineage=lineage).weights
         metrics: dict[str, Any] = {}
         if rank == 0:
             metrics = validation_metrics(cfg, segmenter, loop_config["split"], reference)
