@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .accel import autocast, prepare_images, prepare_modules
 from .checkpoint import Checkpointer
 from .config import ClassifierConfig, Config
 from .data import dataset_classes, epoch_batches, eval_batches, resumable_batches
@@ -120,6 +121,20 @@ def jtt_loss(logits: torch.Tensor, labels: torch.Tensor, keys: list[str], error_
     return (per_image * jtt_weights(keys, error_set, upweight)).mean() / mean_weight
 
 
+def classifier_step(engine, batch: dict, cfg: Config, seed_key: tuple, error_set: frozenset[str] = frozenset(),
+                    upweight: float = 1.0, mean_weight: float = 1.0) -> float:
+    """One stage-1 micro-step: colour augmentation (seeded by `seed_key`), forward, JTT-weighted BCE,
+    backward and DeepSpeed's step (which steps the optimizer at the end of an accumulation); the loss."""
+    images = colour_augment(prepare_images(batch["image"], cfg), cfg.classifier.grayscale_p,
+                            cfg.classifier.channel_shuffle_p, seed=hash(seed_key))
+    with autocast(cfg, images.device):
+        logits = engine(images)
+        loss = jtt_loss(logits, batch["labels"], batch["key"], error_set, upweight, mean_weight)
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
 def _fit(cfg: Config, net: torch.nn.Module, epochs: int, directory: Path, tracker: Tracker, prefix: str,
          error_set: frozenset[str] = frozenset(), upweight: float = 1.0,
          dataset_size: int = 0) -> tuple[dict[str, torch.Tensor] | None, LoopState, StepMeter]:
@@ -136,6 +151,7 @@ def _fit(cfg: Config, net: torch.nn.Module, epochs: int, directory: Path, tracke
                                cfg.train.seed, ds_config)
     engine, _ = make_engine(net, cfg.classifier.lr, ds_config, cfg.classifier.weight_decay,
                             zero3_shared_master=cfg.train.zero3_shared_master)
+    prepare_modules(cfg, net, zero_stage=zero_stage(ds_config))  # channels-last / compile (trainer/accel.py)
     state = checkpoints.restore(engine)
     batches = resumable_batches(cfg, seed=cfg.train.seed, batch_size=micro, samples_seen=state.samples)
     mean_weight = 1.0 + (upweight - 1.0) * len(error_set) / max(dataset_size, 1)
@@ -146,14 +162,9 @@ def _fit(cfg: Config, net: torch.nn.Module, epochs: int, directory: Path, tracke
     for step in bar:
         loss_sum = 0.0
         for micro_step in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
-            batch = next(batches)
-            images = colour_augment(batch["image"], cfg.classifier.grayscale_p, cfg.classifier.channel_shuffle_p,
-                                    seed=hash((cfg.train.seed, step, micro_step, rank)))
-            logits = engine(images)
-            loss = jtt_loss(logits, batch["labels"], batch["key"], error_set, upweight, mean_weight)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.item() / accum
+            loss = classifier_step(engine, next(batches), cfg, (cfg.train.seed, step, micro_step, rank),
+                                   error_set, upweight, mean_weight)
+            loss_sum += loss / accum
         record = meter.step({"loss": loss_sum})  # means over ranks; advances step, data position, history
         bar.set_postfix(loss=f"{record[f'{prefix}/loss']:.3f}", img_s=f"{record[f'{prefix}/images_per_s']:.0f}")
         if step % cfg.train.log_every == 0 or step == steps - 1:

@@ -138,6 +138,8 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = ""
     threads: int = 0  # torch threads; 0 = torch default
+    channels_last: bool = False  # models, g and batches in channels-last memory (faster convolutions: bench/step.py)
+    compile: bool = False  # torch.compile the segmenter and g in place (state_dict keys unchanged; bench/step.py)
 
 
 @dataclass

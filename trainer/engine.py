@@ -8,18 +8,16 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError
-from .files import REPO_ROOT
+from .config import Config, ConfigError, find_config
 
 
 def deepspeed_config_path(name: str) -> Path:
-    """`train.deepspeed`: a JSON path (relative to the working directory or the repository), or the short
-    names zero0 ... zero3 for configs/deepspeed/zeroN.json."""
+    """`train.deepspeed`: a JSON path (relative to the working directory, else among the packaged configs), or
+    the short names zero0 ... zero3 for configs/deepspeed/zeroN.json."""
     path = Path(name)
     if path.suffix != ".json" and len(path.parts) == 1:
         path = Path("configs/deepspeed") / f"{name}.json"
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
+    path = find_config(path)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {name} does not exist (train.deepspeed: a JSON file, or one "
                                 "of zero0, zero1, zero2, zero3)")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, flatten
+from .mlflow_params import log_params_batched
 from .tracking import (TrackingError, connect, experiment_id_for, manifest_fingerprint, mlflow_names, process_rank,
                        short_error, tracking_uri)
 
@@ -56,9 +57,7 @@ class Tracker:
                 tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
-            params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
-            for start in range(0, len(params), 100):
-                self.client.log_batch(self.run_id, params=params[start:start + 100])
+            log_params_batched(self.client, self.run_id, flatten(cfg.to_dict()))
         except TrackingError:
             raise
         except Exception as err:  # noqa: BLE001 - turn any store error at start into one clear message

@@ -9,6 +9,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from .accel import autocast, prepare_images, prepare_modules
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError
 from .data import dataset_classes, resumable_batches
@@ -83,6 +84,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     checkpoints = Checkpointer(out / "checkpoints", cfg.train.resume, cfg.train.checkpoint_every,
                                cfg.train.keep_last, cfg.train.seed, ds_config)
     engine, optimizer = make_engine(model, cfg.train.lr, ds_config, zero3_shared_master=cfg.train.zero3_shared_master)
+    prepare_modules(cfg, model, g, zero_stage=zero_stage(ds_config))  # channels-last / compile (trainer/accel.py)
     if checkpoints.resume_from and 0 <= unfreeze_step < checkpoints.resume_from.step:
         unfreeze_encoder(model, optimizer, cfg.train.lr)  # the saved optimizer state has that group
     state = checkpoints.restore(engine)
@@ -123,8 +125,9 @@ def train_step(engine, g, cfg: Config, batches: Iterator[dict], accum: int, step
     sums: dict[str, float] = {}
     for _ in range(accum):
         batch = next(batches)
-        images, labels = batch["image"], batch["labels"]
-        terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step)
+        images, labels = prepare_images(batch["image"], cfg), batch["labels"]
+        with autocast(cfg, images.device):
+            terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step)
         engine.backward(terms["loss"])
         engine.step()
         for name, value in terms.items():

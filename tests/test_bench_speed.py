@@ -1,0 +1,47 @@
+"""The speed benchmarks run (their numbers live in docs/benchmarks.md, not in tests): bench/step.py and
+bench/gpu.py in their dry mode, one step of every measurement on this machine's CPU; and the speed switches
+of trainer/accel.py train like the plain step (same losses to fp tolerance)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "numbers.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--dry", "--json", str(out), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_step_benchmark_measures_every_variant_and_checks_equal_losses(tmp_path):
+    result = _run("step.py", tmp_path, "--variants", "fp32", "channels_last", "--override", "data.image_size=64")
+    assert result["matmul_gflop_s"] > 0
+    for stage in ("stage2", "stage1"):
+        numbers = result["stages"][stage]
+        assert numbers["flops_per_step"] > 1e8
+        assert set(numbers["variants"]) == {"fp32", "channels_last"}
+        assert numbers["variants"]["fp32"]["speedup"] == pytest.approx(1.0)
+        for variant in numbers["variants"].values():
+            assert variant["img_s"] > 0 and variant["gflop_s"] > 0
+        # channels-last memory is a layout, not another computation: the same losses up to float rounding
+        assert numbers["variants"]["channels_last"]["max_rel_loss_diff"] < 1e-3
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_measurement_on_cpu(tmp_path):
+    result = _run("gpu.py", tmp_path)
+    assert {"96px/fp32", "224px/fp32"} <= set(result["stage2"])
+    assert all(r["img_s"] > 0 for r in result["stage2"].values())
+    assert set(result["loader"]) == {"0", "1"} and all(v > 0 for v in result["loader"].values())
+    assert result["ddp_vs_zero2"]["ddp"] > 0 and result["ddp_vs_zero2"]["zero2_over_ddp"] > 0
