@@ -139,7 +139,10 @@ def measure(stage: str, args, device: torch.device, variants: list[str]) -> dict
     batch = args.batch if stage == "stage2" else args.classifier_batch
     runners = {v: kind(_config(args.config, VARIANTS[v] + args.override), device, batch) for v in variants}
     flops = step_flops(kind(_config(args.config, VARIANTS["fp32"] + args.override), device, batch))
-    losses = {v: [runner.step(step) for step in range(args.check_steps)] for v, runner in runners.items()}
+    losses = {}
+    for v, runner in runners.items():  # the same random draws (g's dropout in stage 1) for every variant
+        torch.manual_seed(1234)
+        losses[v] = [runner.step(step) for step in range(args.check_steps)]
     for runner in runners.values():  # warm-up (compile happens here)
         runner.step()
     times: dict[str, list[float]] = {v: [] for v in variants}
