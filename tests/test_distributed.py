@@ -132,7 +132,11 @@ def _check_finished_run(run: Path, log: Path, zero_stage: int) -> None:
     assert (ckpt / "latest").read_text() == f"step{STEPS:07d}"
     assert [p.name for p in sorted(ckpt.glob("step*"))] == [f"step{s:07d}" for s in range(EVERY, STEPS + 1, EVERY)]
     marker = json.loads((ckpt / f"step{STEPS:07d}" / "complete.json").read_text())
+    files = marker.pop("files")  # every file of the checkpoint with its size and SHA-256, checked on resume
     assert marker == {"step": STEPS, "world_size": 2, "zero_stage": zero_stage, "bf16": False}
+    on_disk = sorted(p.relative_to(ckpt / f"step{STEPS:07d}").as_posix()
+                     for p in (ckpt / f"step{STEPS:07d}").rglob("*") if p.is_file() and p.name != "complete.json")
+    assert sorted(files) == on_disk and all(len(entry["sha256"]) == 64 for entry in files.values())
     reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), f"step{STEPS:07d}")
     state = _state_dict(run)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
