@@ -11,24 +11,22 @@ import torch
 from .config import Config
 
 
-def memory_format(cfg: Config) -> torch.memory_format:
-    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-
-
 def prepare_modules(cfg: Config, *modules: torch.nn.Module, zero_stage: int = 0) -> None:
     """Put `modules` in the configured memory format and compile them in place. Call it after the DeepSpeed
     engine is built (its start-up broadcast views each parameter as bytes, which needs contiguous memory); under
     ZeRO 1-3 the parameters are views of flat partitions and keep their layout (the inputs still change)."""
     for module in modules:
-        if zero_stage == 0:
-            module.to(memory_format=memory_format(cfg))
+        if cfg.train.channels_last and zero_stage == 0:  # off: the modules are left exactly as they are
+            module.to(memory_format=torch.channels_last)
         if cfg.train.compile:
             module.compile(dynamic=False)
 
 
 def prepare_images(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     """A batch in the configured memory format (a no-op when it already is)."""
-    return images.contiguous(memory_format=memory_format(cfg)) if images.dim() == 4 else images
+    if not cfg.train.channels_last or images.dim() != 4:
+        return images  # off: the batch is left exactly as it is (a contiguous copy would change the arithmetic)
+    return images.contiguous(memory_format=torch.channels_last)
 
 
 def autocast(cfg: Config, device: torch.device | str = "cpu"):
