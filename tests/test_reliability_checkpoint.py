@@ -111,7 +111,7 @@ sys.path.insert(0, sys.argv[2])
 from trainer.distributed import init_distributed
 init_distributed(120)
 import deepspeed
-from trainer.checkpoint import Checkpointer, CheckpointError, file_list, COMPLETE
+from trainer.checkpoint import Checkpointer, CheckpointError, file_list, COMPLETE, weights_only_loads
 from trainer.loop import LoopState
 
 directory = Path(sys.argv[1])
@@ -143,7 +143,8 @@ class Bomb:
     def __reduce__(self):
         return (Path.touch, (directory / "code-ran",))
 folder = directory / "step0000001"
-blob = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)
+with weights_only_loads(folder):  # our own safe load of the file this script just wrote
+    blob = torch.load(folder / "mp_rank_00_model_states.pt")
 blob["payload"] = Bomb()
 torch.save(blob, folder / "mp_rank_00_model_states.pt")
 marker = __import__("json").loads((folder / COMPLETE).read_text())

@@ -46,24 +46,23 @@ class MaskPrediction:
         """B×C: the class regions the gate dropped to background (NaN compares False)."""
         return self.scores < self.settings.gate_threshold
 
-    def labels_at(self, model, index: int, size: tuple[int, int]) -> torch.Tensor:
-        """Image `index`'s label map at `size` (H×W): its logits resized, labelled, and gated by the scores
-        computed at the model's size."""
+    def at_size(self, model, index: int, size: tuple[int, int], probabilities: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image `index` at `size` (H×W), from its logits resized once: the label map, gated by the scores
+        computed at the model's size, and (with `probabilities`) the (C+1)×H×W class probabilities, label 0 =
+        the background components' mass, where a region the gate dropped gives its probability to background."""
         full = F.interpolate(self.logits[index:index + 1], size=size, mode="bilinear", align_corners=False)
-        labels = model.predict_labels(full, self.settings.fg_threshold)
-        return apply_gate(labels, self.scores[index:index + 1], self.settings.gate_threshold)[0]
-
-    def probabilities_at(self, index: int, size: tuple[int, int]) -> torch.Tensor:
-        """(C+1)×H×W at `size`: label 0 = the background components' mass, label c + 1 = component c; a
-        region the gate dropped moves its probability to the background's."""
+        labels = apply_gate(model.predict_labels(full, self.settings.fg_threshold), self.scores[index:index + 1],
+                            self.settings.gate_threshold)[0]
+        if not probabilities:
+            return labels, None
         C = self.num_classes
-        full = F.interpolate(self.logits[index:index + 1], size=size, mode="bilinear", align_corners=False)
         comp = torch.softmax(full[0], dim=0)  # K components: the first C are the classes
         probs = torch.cat([comp[C:].sum(0, keepdim=True), comp[:C]])
         for c in self.dropped[index].nonzero().flatten().tolist():
             probs[0] += probs[c + 1]
             probs[c + 1] = 0
-        return probs
+        return labels, probs
 
 
 @torch.no_grad()
@@ -126,9 +125,10 @@ class SegmenterPredictor(_Predictor):
             batch = torch.stack([resize_for_model(img, self.image_size) for img in chunk])
             pred = predict_masks(self.model, batch, settings, self.g, self.cfg.objective)
             for i, img in enumerate(chunk):
-                row = {"mask": pred.labels_at(self.model, i, img.shape[:2]).numpy().astype(np.uint8)}
-                if probabilities:
-                    row["probabilities"] = pred.probabilities_at(i, img.shape[:2]).numpy()
+                labels, probs = pred.at_size(self.model, i, img.shape[:2], probabilities)
+                row = {"mask": labels.numpy().astype(np.uint8)}
+                if probs is not None:
+                    row["probabilities"] = probs.numpy()
                 out.append(row)
         return out
 

@@ -19,7 +19,7 @@ from data_shards.errors import DataError
 from data_shards.manifest import open_url
 
 from .config import Config
-from .files import run_dir, run_path
+from .files import run_dir
 from .images import ModelInputError, decode_image
 from .inference import BATCH_SIZE, SegmenterPredictor
 from .model_uri import download, is_model_uri
@@ -27,7 +27,7 @@ from .models import FrozenClassifier
 from .pyfunc import load_model_dir
 from .tracking import tracking_uri
 from .viz import PALETTE, colorize
-from .weights import CLASSIFIER_FILE, load_classifier, load_segmenter
+from .weights import CLASSIFIER_FILE, classifier_path, load_classifier, load_segmenter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -140,7 +140,7 @@ def gate_classifier_path(segmenter: Path, cfg: Config, classifier: str | None = 
         if not path.is_file():
             raise FileNotFoundError(f"--classifier {classifier} does not exist")
         return path
-    stored = Path(cfg.classifier.checkpoint) if cfg.classifier.checkpoint else run_path(cfg) / CLASSIFIER_FILE
+    stored = classifier_path(cfg)
     candidates = [stored, segmenter.parent / stored.name, segmenter.parent / CLASSIFIER_FILE]
     for path in candidates:
         if path.is_file():

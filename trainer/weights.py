@@ -12,7 +12,7 @@ import torch
 
 from .config import Config, config_from_dict
 from .effnet import EfficientNetLite0, load_state_dict_file
-from .files import atomic_torch_save, run_dir
+from .files import atomic_torch_save, run_path
 from .models import FrozenClassifier, Segmenter
 
 SEGMENTER_FILE = "segmenter.pt"
@@ -27,12 +27,12 @@ class WeightsError(ValueError):
 
 def classifier_path(cfg: Config) -> Path:
     """g's weights: `classifier.checkpoint`, else <run dir>/classifier.pt (what stage 1 writes)."""
-    return Path(cfg.classifier.checkpoint) if cfg.classifier.checkpoint else run_dir(cfg) / CLASSIFIER_FILE
+    return Path(cfg.classifier.checkpoint) if cfg.classifier.checkpoint else run_path(cfg) / CLASSIFIER_FILE
 
 
 def segmenter_path(cfg: Config) -> Path:
     """<run dir>/segmenter.pt: what stage 2 writes at its end."""
-    return run_dir(cfg) / SEGMENTER_FILE
+    return run_path(cfg) / SEGMENTER_FILE
 
 
 # ---- g ----
