@@ -262,7 +262,11 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    return nested(key, yaml.safe_load(raw) if raw.strip() else "")
+
+
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """A dotted key and its value as nested mappings: nested("a.b", 1) == {"a": {"b": 1}}."""
     out: dict[str, Any] = {}
     node = out
     parts = key.split(".")
@@ -331,13 +335,7 @@ def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     a command-line override would be; `cfg` itself is not changed."""
     new = copy.deepcopy(cfg)
     for key, value in values.items():
-        nested: dict[str, Any] = {}
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-        merge_into(new, nested)
+        merge_into(new, nested(key, value))
     validate(new)
     return new
 
