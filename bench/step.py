@@ -8,7 +8,7 @@ against the fp32 baseline's.
     OMP_NUM_THREADS=1 python bench/step.py [--threads 1 --rounds 5 --steps 3 --variants fp32 channels_last ...]
 
 Variants are config overrides (so the measured code is the product's): fp32 (every switch off),
-channels_last, bf16 (channels-last + bf16 autocast; only where the CPU has bf16 instructions or on CUDA),
+channels_last, bf16 (channels-last + DeepSpeed's bf16 autocast of the engine's forward; measured on CUDA only),
 compile (channels-last + torch.compile). Rounds interleave the variants, one timed block of each in turn, so a
 load change on a shared machine hits every variant alike; ratios are per round, the median is reported.
 `--dry` runs every measurement for one step (the test suite runs it).
@@ -36,9 +36,9 @@ VARIANTS = {
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast is measured on CUDA only: on this project's CPUs (AVX-512 BF16, no AMX) one stage-2 step at
-    64 px, batch 2, took over 5 minutes in bf16 against 0.4 s in fp32 (some kernels fall back to slow paths),
-    so it is no option there (docs/benchmarks.md)."""
+    """bf16 is measured on CUDA only: on this project's CPUs (AVX-512 BF16, no AMX) one stage-2 step at 64 px,
+    batch 2, with autocast over the whole step took over 5 minutes against 0.4 s in fp32 (kernels without a
+    fast bf16 path; docs/benchmarks.md)."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 

@@ -1,10 +1,9 @@
 """Speed switches of the training steps and of inference, each measured in bench/step.py: channels-last memory
 for the networks and their inputs (`train.channels_last`), `torch.compile` in place (`train.compile`, module
-keys unchanged so checkpoints and segmenter.pt stay the same), and bf16 autocast over the whole step, g
-included (`train.bf16`; DeepSpeed's torch_autocast alone covers only the engine's forward)."""
+keys unchanged so checkpoints and segmenter.pt stay the same). bf16 (`train.bf16`) stays DeepSpeed's
+torch_autocast of the engine's forward: autocast over the whole step, g included, made a CPU step take minutes
+(bf16 kernels without a fast path on CPUs without AMX)."""
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -27,10 +26,3 @@ def prepare_images(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     if not cfg.train.channels_last or images.dim() != 4:
         return images  # off: the batch is left exactly as it is (a contiguous copy would change the arithmetic)
     return images.contiguous(memory_format=torch.channels_last)
-
-
-def autocast(cfg: Config, device: torch.device | str = "cpu"):
-    """bf16 autocast over a training step when `train.bf16` is on, else nothing."""
-    if not cfg.train.bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .accel import autocast, prepare_images, prepare_modules
+from .accel import prepare_images, prepare_modules
 from .checkpoint import Checkpointer
 from .config import ClassifierConfig, Config
 from .data import dataset_classes, epoch_batches, eval_batches, resumable_batches
@@ -127,9 +127,8 @@ def classifier_step(engine, batch: dict, cfg: Config, seed_key: tuple, error_set
     backward and DeepSpeed's step (which steps the optimizer at the end of an accumulation); the loss."""
     images = colour_augment(prepare_images(batch["image"], cfg), cfg.classifier.grayscale_p,
                             cfg.classifier.channel_shuffle_p, seed=hash(seed_key))
-    with autocast(cfg, images.device):
-        logits = engine(images)
-        loss = jtt_loss(logits, batch["labels"], batch["key"], error_set, upweight, mean_weight)
+    logits = engine(images)
+    loss = jtt_loss(logits, batch["labels"], batch["key"], error_set, upweight, mean_weight)
     engine.backward(loss)
     engine.step()
     return loss.item()

@@ -9,7 +9,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from .accel import autocast, prepare_images, prepare_modules
+from .accel import prepare_images, prepare_modules
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError
 from .data import dataset_classes, resumable_batches
@@ -126,8 +126,7 @@ def train_step(engine, g, cfg: Config, batches: Iterator[dict], accum: int, step
     for _ in range(accum):
         batch = next(batches)
         images, labels = prepare_images(batch["image"], cfg), batch["labels"]
-        with autocast(cfg, images.device):
-            terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step)
+        terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step)
         engine.backward(terms["loss"])
         engine.step()
         for name, value in terms.items():
