@@ -21,7 +21,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import torch  # noqa: E402
 
-from data_shards.loader import LoaderOptions, decode_sample, make_loader, raw_samples  # noqa: E402
+from data_shards.loader import LoaderOptions, as_float, decode_sample, make_loader, raw_samples  # noqa: E402
 from data_shards.manifest import read_manifest  # noqa: E402
 from data_shards.toy_birds import build_toy_birds  # noqa: E402
 from data_shards.writer import copy_dataset  # noqa: E402
@@ -29,12 +29,19 @@ from data_shards.writer import copy_dataset  # noqa: E402
 BUCKET = "bench"
 
 
-def loader_rate(url: str, args, workers: int) -> float:
-    """Images/s over one training epoch, DataLoader start-up included (the first epoch of a run pays it)."""
+def loader_rate(url: str, args, workers: int, **options) -> float:
+    """Images/s over one training epoch, DataLoader start-up included (the first epoch of a run pays it).
+    The trainer's settings: uint8 batches (made float on the training side, timed here too), the lean tar
+    reader; `options` override them (the "before" row: webdataset's tar reader, float batches)."""
+    settings = {"uint8": True, "draft": args.draft, **options}
     start = time.perf_counter()
     loader = make_loader(url, "train", LoaderOptions(image_size=args.size, batch_size=args.batch, train=True,
-                                                     seed=0, epoch=0, shuffle_buffer=512, num_workers=workers))
-    images = sum(len(batch["key"]) for batch in loader)
+                                                     seed=0, epoch=0, shuffle_buffer=512, num_workers=workers,
+                                                     **settings))
+    images = 0
+    for batch in loader:
+        as_float(batch["image"])
+        images += len(batch["key"])
     return images / (time.perf_counter() - start)
 
 
@@ -54,7 +61,8 @@ def decode_rate(raws: list[dict], args, classes: int) -> float:
     """Images/s of decode + resize + flip of the same JPEG bytes already in memory, in this process."""
     start = time.perf_counter()
     for i, raw in enumerate(raws):
-        decode_sample(raw, image_size=args.size, num_classes=classes, with_mask=False, flip=bool(i & 1))
+        decode_sample(raw, image_size=args.size, num_classes=classes, with_mask=False, flip=bool(i & 1),
+                      draft=args.draft)
     return len(raws) / (time.perf_counter() - start)
 
 
@@ -66,7 +74,7 @@ def train_step_rate(args) -> float:
     from trainer.objectives import objective
     from trainer.models import FrozenClassifier, Segmenter
 
-    cfg = load_config(os.path.join(ROOT, "configs", "toy_birds.yaml"))
+    cfg = load_config(os.path.join(ROOT, args.config))
     g_net = build_classifier(cfg.classifier, 1)
     g = FrozenClassifier(g_net)
     model = Segmenter(cfg.model, 1, trunk=g_net)
@@ -99,13 +107,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=8, help="timed training steps per round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training step")
+    parser.add_argument("--config", default="configs/toy_birds.yaml",
+                        help="the training step's model and objective (configs/reference_224.yaml: the reference)")
+    parser.add_argument("--data-size", type=int, default=None,
+                        help="side of the stored images (default --size; larger shows JPEG draft decoding)")
+    parser.add_argument("--draft", action="store_true", help="JPEG draft decoding in the loader and the decode")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from s3_server import S3Server
 
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
-        local = build_toy_birds(os.path.join(tmp, "toy"), size=args.size, maxcount=args.maxcount, progress=False,
+        local = build_toy_birds(os.path.join(tmp, "toy"), size=args.data_size or args.size, maxcount=args.maxcount,
+                                progress=False,
                                 counts={"train": args.train, "val": 0, "test_aligned": 0, "test_conflict": 0})
         server = S3Server(os.path.join(tmp, "s3rver"), buckets=(BUCKET,))
         server.start()
@@ -125,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                 "read s3 (MB/s)": lambda: read_rate(remote),
                 "decode in memory, 1 process": lambda: decode_rate(raws, args, len(manifest.classes)),
                 "loader local, in-process (0 workers)": lambda: loader_rate(local, args, 0),
+                "loader local, in-process, before (webdataset tar reader, float batches)":
+                    lambda: loader_rate(local, args, 0, uint8=False, tar_reader="webdataset"),
                 "loader local, 1 worker": lambda: loader_rate(local, args, 1),
                 "loader s3, 1 worker": lambda: loader_rate(remote, args, 1),
                 "loader local, 2 workers": lambda: loader_rate(local, args, 2),
@@ -154,6 +170,11 @@ def report(results: dict[str, list[float]]) -> None:
         ("S3 / local, raw read MB/s", med["read s3 (MB/s)"] / med["read local (MB/s)"]),
         ("loader local in-process / in-memory decode (1 process)",
          med["loader local, in-process (0 workers)"] / decode),
+        ("loader local in-process before / in-memory decode (1 process)",
+         med["loader local, in-process, before (webdataset tar reader, float batches)"] / decode),
+        ("loader local in-process, now / before",
+         med["loader local, in-process (0 workers)"]
+         / med["loader local, in-process, before (webdataset tar reader, float batches)"]),
         ("loader local 1 worker / in-memory decode (1 process)", med["loader local, 1 worker"] / decode),
         ("loader s3 1 worker / in-memory decode (1 process)", med["loader s3, 1 worker"] / decode),
         ("loader local 2 workers / 2 x in-memory decode", med["loader local, 2 workers"] / (2 * decode)),

@@ -31,6 +31,7 @@ from . import s3
 from .augment import pad_batch, random_scale_crop
 from .errors import DataError
 from .manifest import read_manifest
+from .tarstream import tar_samples
 
 log = logging.getLogger(__name__)
 s3.register_with_webdataset()  # at import, so DataLoader workers (forked or spawned) have it too
@@ -39,6 +40,7 @@ SKIP_REASONS = ("tar", "missing", "image", "json", "mask")
 SAMPLING_MODES = ("exact", "resampled")
 BALANCE_MODES = ("pad", "drop")
 RESIZE_MODES = ("square", "crop")
+TAR_READERS = ("lean", "webdataset")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,13 @@ class LoaderOptions:
     photos): training takes a random scale in `scale_range` and a random image_size x image_size crop,
     padded where the scaled image is smaller (batch["valid"] is False there, the ignore region); evaluation
     keeps every image at its own size (see `collate`), batches padded up to a multiple of `pad_multiple`
-    (an encoder that downsamples 32 times needs 32)."""
+    (an encoder that downsamples 32 times needs 32).
+
+    Speed (docs/benchmarks.md): `uint8` batches are a quarter of float32's bytes through the worker queue and
+    skip the conversion in the loader (the trainer converts, bit for bit the same values); `draft` lets
+    libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale (never below the target) before the bilinear resize,
+    which is not bit-identical to a full decode (tests/test_data_loader.py bounds the difference), so it is
+    off by default; `tar_reader="lean"` parses the tar headers directly (data_shards/tarstream.py)."""
     image_size: int
     batch_size: int
     train: bool
@@ -69,6 +77,9 @@ class LoaderOptions:
     resize: str = "square"
     scale_range: tuple[float, float] = (0.5, 2.0)
     pad_multiple: int = 1  # resize="crop", eval: pad each batch's height and width up to a multiple of this
+    uint8: bool = False  # batch["image"] stays uint8 (B x 3 x H x W); the consumer makes it float (`as_float`)
+    draft: bool = False  # resize="square": JPEG DCT-domain downscaling when the source is >= 2x the target
+    tar_reader: str = "lean"  # data_shards/tarstream.py; "webdataset": webdataset's tarfile-based reader
 
     def __post_init__(self):
         _positive_int("image_size", self.image_size)
@@ -76,7 +87,8 @@ class LoaderOptions:
         _positive_int("pad_multiple", self.pad_multiple)
         for name, value, allowed in (("sampling", self.sampling, SAMPLING_MODES),
                                      ("balance", self.balance, BALANCE_MODES),
-                                     ("resize", self.resize, RESIZE_MODES)):
+                                     ("resize", self.resize, RESIZE_MODES),
+                                     ("tar_reader", self.tar_reader, TAR_READERS)):
             if value not in allowed:
                 raise DataError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.sampling == "resampled" and not self.train:
@@ -137,9 +149,10 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def decode_sample(sample: dict, *, image_size: int | None, num_classes: int, with_mask: bool, flip: bool) -> dict:
+def decode_sample(sample: dict, *, image_size: int | None, num_classes: int, with_mask: bool, flip: bool,
+                  draft: bool = False) -> dict:
     """Raw shard sample -> {"image": uint8 S x S x 3, "labels", "mask"?, "key", "meta"}; image_size None
-    keeps the image (and mask) at its own size, H x W."""
+    keeps the image (and mask) at its own size, H x W. `draft`: see LoaderOptions."""
     key = sample.get("__key__", "?")
     where = f"{key} in {sample.get('__url__', '?')}"
     needed = ("jpg", "json", "mask.png") if with_mask else ("jpg", "json")
@@ -156,9 +169,14 @@ def decode_sample(sample: dict, *, image_size: int | None, num_classes: int, wit
     except (ValueError, KeyError, TypeError) as exn:
         raise SampleError("json", f"sample {where}: bad json ({exn})") from None
     try:
-        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        if image_size is not None:
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        if draft and image_size is not None:
+            image.draft("RGB", (image_size, image_size))  # JPEG only; the result stays >= the target
+        image = image.convert("RGB")
+        if image_size is not None and image.size != (image_size, image_size):  # PIL copies on an equal size
             image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        if flip:  # in PIL: the array below is then contiguous (a reversed numpy view made collate copy slowly)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         image = np.asarray(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exn:
         raise SampleError("image", f"sample {where}: undecodable jpg ({exn})") from None
@@ -172,27 +190,26 @@ def decode_sample(sample: dict, *, image_size: int | None, num_classes: int, wit
                 mask = mask.resize((image_size, image_size), Image.Resampling.NEAREST)
             elif mask.size != (image.shape[1], image.shape[0]):
                 raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]}, its image {image.shape[1]}x{image.shape[0]}")
+            if flip:
+                mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             out["mask"] = np.asarray(mask)
         except (OSError, ValueError) as exn:
             raise SampleError("mask", f"sample {where}: undecodable mask.png ({exn})") from None
-    if flip:
-        out["image"] = out["image"][:, ::-1]
-        if "mask" in out:
-            out["mask"] = out["mask"][:, ::-1]
     return out
 
 
-def collate(samples: list[dict], pad_multiple: int = 1) -> dict:
+def collate(samples: list[dict], pad_multiple: int = 1, uint8: bool = False) -> dict:
     """Samples -> one batch. Images of different sizes (real photos in evaluation) are padded at the bottom
     and right to the largest (image 0, mask 255 = ignore), and batch["size"] (B x 2, height and width)
     records each one's own size so predictions can be cut back to it; `pad_multiple` > 1 pads further, up to
-    a multiple of it."""
+    a multiple of it. `uint8`: the images stay uint8 (`as_float` makes the float batch, the same values and
+    memory layout)."""
     sizes = [s["image"].shape[:2] for s in samples]
     if len(set(sizes)) > 1 or pad_multiple > 1:
         samples = pad_batch(samples, pad_multiple)
     images = torch.from_numpy(np.stack([s["image"] for s in samples]))
     batch = {
-        "image": images.permute(0, 3, 1, 2).float().div_(255.0),
+        "image": images.permute(0, 3, 1, 2) if uint8 else as_float(images.permute(0, 3, 1, 2)),
         "labels": torch.from_numpy(np.stack([s["labels"] for s in samples])),
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
@@ -205,6 +222,12 @@ def collate(samples: list[dict], pad_multiple: int = 1) -> dict:
     if "size" in samples[0]:
         batch["size"] = torch.tensor([s["size"] for s in samples], dtype=torch.int64)
     return batch
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """A uint8 image batch -> float in [0, 1] (a float batch is returned as it is). The strides of the uint8
+    batch are kept (a channels-last view of the collated H x W x 3 arrays), as the loader's float batches had."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
 
 
 def reader_shards(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
@@ -320,8 +343,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         samples = self._samples(worker, workers, self.epoch)  # the epoch is read once, as the pass starts
         own_size = not self.train and self.options.resize == "crop"  # the square sizes are all equal already
         pad_multiple = self.options.pad_multiple if own_size else 1
-        batches = wds.batched(self.batch_size, collation_fn=functools.partial(collate, pad_multiple=pad_multiple),
-                              partial=not self.train)(samples)
+        collation = functools.partial(collate, pad_multiple=pad_multiple, uint8=self.options.uint8)
+        batches = wds.batched(self.batch_size, collation_fn=collation, partial=not self.train)(samples)
         return itertools.islice(batches, self.batches_per_worker) if self.train else batches
 
     def _samples(self, worker: int, workers: int, epoch: int) -> Iterator[dict]:
@@ -358,8 +381,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _raw_samples(self, urls: Iterable[str], stream: str, epoch: int) -> Iterator[dict]:
         # Train mode never reads mask members: no mask reaches, or is decoded for, a training batch.
-        samples = wds.tarfile_to_samples(handler=self.skipped.tar_handler,
-                                         select_files=_not_mask if self.train else None)({"url": u} for u in urls)
+        select = _not_mask if self.train else None
+        if self.options.tar_reader == "lean":
+            samples = tar_samples(({"url": u} for u in urls), self.skipped.tar_handler, select_files=select)
+        else:
+            samples = wds.tarfile_to_samples(handler=self.skipped.tar_handler, select_files=select)(
+                {"url": u} for u in urls)
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(f"samples:{self.seed}:{epoch}:{stream}")
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
@@ -370,7 +397,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         flip = self.hflip and zlib.crc32(f"{self.seed}:{epoch}:{key}".encode()) & 1
         square = self.options.resize == "square"
         out = decode_sample(sample, image_size=self.image_size if square else None,
-                            num_classes=len(self.manifest.classes), with_mask=self.with_mask, flip=bool(flip))
+                            num_classes=len(self.manifest.classes), with_mask=self.with_mask, flip=bool(flip),
+                            draft=self.options.draft)
         if square:
             return out
         if self.train:  # one generator per (seed, epoch, sample): the same crop with any number of workers

@@ -33,6 +33,9 @@ class DataConfig:
     scale_min: float = 0.5
     scale_max: float = 2.0
     eval_pad_multiple: int = 32  # "crop": evaluation batches padded to a multiple of this (g's trunk: 32)
+    # "square": JPEGs at least twice the target decoded at a reduced DCT scale first (faster on large photos;
+    # not bit-identical to a full decode, so off by default; data_shards.loader.LoaderOptions.draft)
+    jpeg_draft: bool = False
 
     def check(self) -> None:
         """Raise ConfigError for data settings no loader can use."""
@@ -90,6 +93,9 @@ class ModelConfig:
     encoder_trainable: bool = False
     encoder_unfreeze_step: int = -1  # ≥ 0: fine-tune the pretrained encoder from this step on
     init_from: str = ""  # start from a segmenter: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., a .pt path
+    init_from_head: str = "skip"  # init_from, mask head of another K or C: "skip" (fresh) | "binary" (a binary
+    #                             model's foreground row into every class row, background into background)
+    class_init_area: float = 0.0  # > 0: mask-head bias so each class component starts at this area (0 = off)
 
 
 @dataclass
@@ -108,6 +114,10 @@ class ObjectiveConfig:
     tv_weight: float = 0.5  # preserve_delete: weight of TV(M_fg), scaled by lambda_m
     absent_weight: float = 0.0  # preserve_delete, C > 1: area of components of untagged classes, × lambda_m
     negative_weight: float = 0.0  # preserve_delete: negative bags, BCE(M_fg, 0) on untagged images, × lambda_m
+    class_area_weight: float = 0.0  # preserve_delete, C > 1: per-class area bounds tied to the tags, × lambda_m
+    class_area_min: float = 0.03  # L_class_area: least area of a tagged class (fraction of the image)
+    class_area_max: float = 0.4  # L_class_area: most area of a tagged class
+    class_area_absent: float = 0.0  # L_class_area: most area of an untagged class before it pays
     edge_aware_tv: float = 0.0  # > 0: TV weight exp(-|∇I|·edge_aware_tv) (cuts allowed on image edges)
     recon_weight: float = 10.0
     paste_weight: float = 0.0  # preserve_delete: background-swap consistency L_paste (0 = off)
@@ -152,6 +162,9 @@ class EvalConfig:
     gate_threshold: float = 0.0  # preserve gate (trainer/gate.py): drop class regions g scores below this; 0 = off
     gate_threshold_from_val: bool = False  # choose gate_threshold on cam_split by mIoU (0 = off is a candidate)
     flip: bool = False  # method: average the mask logits of the image and of its mirror image (flip test-time augmentation)
+    # method: multi-scale test-time augmentation; the mask logits at each scale (and flipped with eval.flip),
+    # resized back to the input size and averaged. [1.0]: the input as it is (one forward, or two with flip)
+    scales: list = field(default_factory=lambda: [1.0])
 
 
 @dataclass
@@ -185,6 +198,7 @@ CHOICES = {
     "model.encoder": ("unet", "efficientnet"),
     "model.imagelet_head": ("full", "lowres", "local_mean"),
     "model.encoder_init": ("g", "imagenet"),
+    "model.init_from_head": ("skip", "binary"),
     "classifier.train_layers": ("all", "head"),
     "objective.preset": ("paper", "preserve_delete", "cam_pseudo"),
     "objective.cls_input": ("imagelet", "image"),
@@ -307,6 +321,17 @@ def validate(cfg: Config) -> None:
                        "eval.gate_threshold": cfg.eval.gate_threshold}.items():
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"config key {key!r} is a probability threshold in [0, 1), got {value}")
+    o = cfg.objective
+    if not 0.0 <= o.class_area_min <= o.class_area_max <= 1.0 or not 0.0 <= o.class_area_absent <= 1.0:
+        raise ConfigError("config keys 'objective.class_area_min' ≤ 'objective.class_area_max' are fractions of the "
+                          f"image in [0, 1], as is 'objective.class_area_absent'; got {o.class_area_min}, "
+                          f"{o.class_area_max}, {o.class_area_absent}")
+    if not 0.0 <= cfg.model.class_init_area < 1.0:
+        raise ConfigError(f"config key 'model.class_init_area' is a fraction of the image in [0, 1) (0 = off), got "
+                          f"{cfg.model.class_init_area}")
+    scales = cfg.eval.scales
+    if not scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales):
+        raise ConfigError(f"config key 'eval.scales' must be a non-empty list of positive numbers, got {scales!r}")
     if cfg.model.K < 0:
         raise ConfigError(f"config key 'model.K' must be 0 (= C + 1) or at least C + 1, got {cfg.model.K}")
 

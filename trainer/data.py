@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from data_shards.loader import LoaderOptions, ShardDataset, make_loader
+from data_shards.loader import LoaderOptions, ShardDataset, as_float, make_loader
 from data_shards.manifest import read_manifest
 
 from .config import Config
@@ -17,14 +17,15 @@ def dataset_classes(cfg: Config) -> list[str]:
 
 
 def loader_options(cfg: Config, *, train: bool, batch_size: int, seed: int = 0, epoch: int = 0) -> LoaderOptions:
-    """The loader settings of `cfg.data` for one split: training (shuffled, flipped, cropped) or evaluation."""
+    """The loader settings of `cfg.data` for one split: training (shuffled, flipped, cropped) or evaluation.
+    Training batches travel as uint8 and `train_batches` makes them float (the same values)."""
     data = cfg.data
     common = dict(image_size=data.image_size, batch_size=batch_size, num_workers=data.num_workers,
-                  resize=data.resize, scale_range=(data.scale_min, data.scale_max))
+                  resize=data.resize, scale_range=(data.scale_min, data.scale_max), draft=data.jpeg_draft)
     if not train:
         return LoaderOptions(train=False, pad_multiple=data.eval_pad_multiple, **common)
     return LoaderOptions(train=True, seed=seed, epoch=epoch, shuffle_buffer=data.shuffle_buffer, hflip=data.hflip,
-                         **common)
+                         uint8=True, **common)
 
 
 def train_dataset(cfg: Config, seed: int, batch_size: int, epoch: int = 0) -> ShardDataset:
@@ -44,6 +45,7 @@ def train_batches(cfg: Config, seed: int, batch_size: int | None = None, start_e
         count = 0
         for batch in loader:
             count += 1
+            batch["image"] = as_float(batch["image"])  # uint8 from the loader (a quarter of the bytes)
             yield batch
         if count == 0:
             raise ValueError(f"split 'train' of {cfg.data.url} yields no batch of {batch_size}"
