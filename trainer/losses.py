@@ -277,3 +277,18 @@ def L_pseudo(Z: torch.Tensor, pseudo_labels: torch.Tensor, num_classes: int) -> 
     background component C)."""
     target = torch.where(pseudo_labels > 0, pseudo_labels - 1, torch.full_like(pseudo_labels, num_classes))
     return F.cross_entropy(Z, target)
+
+
+# ------------------------------------------------------------------ multi-class from scratch (issue 19)
+def L_class_area(M: torch.Tensor, y: torch.Tensor, a_min: float, a_max: float, absent_max: float = 0.0) -> torch.Tensor:
+    """Per-class area bounds tied to the tags (Pathak et al., "Constrained CNN", 2015; Stalder et al., NeurIPS
+    2022): with a_c = mean_px M_c, a class the image is tagged with must cover between `a_min` and `a_max` of
+    it, relu(a_min − a_c) + relu(a_c − a_max); an untagged class at most `absent_max` (0: nothing),
+    relu(a_c − absent_max). Sum over the classes, mean over images (`objective.class_area_weight`, × λ_m).
+    Unlike L_area (one prior on the whole foreground, which at K = C + 1 pushes every class component towards
+    0 at once) the floor keeps a tagged class's component alive from the first step on."""
+    C = y.shape[1]
+    a = M[:, :C].mean(dim=(2, 3))
+    tagged = F.relu(a_min - a) + F.relu(a - a_max)
+    untagged = F.relu(a - absent_max)
+    return (y * tagged + (1 - y) * untagged).sum(dim=1).mean()

@@ -1,8 +1,10 @@
-"""Multi-class evaluation (C > 1): CAM thresholds chosen per class on val, per-class IoU, worst-class IoU, the
+"""Multi-class (C > 1). Evaluation: CAM thresholds chosen per class on val, per-class IoU, worst-class IoU, the
 confusion matrix between labels (table and picture), and per-bias-group meters (a sample's `bias` metadata:
-aligned or conflict). `wsssrec eval` calls these; for C = 1 nothing here changes the binary results."""
+aligned or conflict); `wsssrec eval` calls these. Training: how the K-way mask head starts (`class_bias_init`,
+`binary_head_rows`). For C = 1 nothing here changes the binary results."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +122,31 @@ def per_class_table(results: dict) -> str:
                 lines += ["", f"Confusion ({split}, {method}; rows: truth, fraction of its pixels):", "",
                           confusion_table(res["classes"][method])]
     return "\n".join(lines) + "\n"
+
+
+# ---- how the mask head starts (training) ----
+
+def class_bias_init(head: torch.nn.Conv2d, num_classes: int, area: float) -> None:
+    """Set the K-way mask head's bias so that, with the rest of the logits near 0, each class component starts
+    at `area` of every pixel and the B = K − C background components share the rest: bias_c = log(area),
+    bias_bg = log((1 − C·area)/B) (`model.class_init_area`). A fresh head starts every component at 1/K
+    (0.2 each at K = 5, so M_fg ≈ 0.8 and the area prior drives all class components to 0 in the first steps;
+    docs/results.md "Multi-class"); this starts them near an object's size instead. No random draw: the
+    other weights are exactly as initialised."""
+    K = head.out_channels
+    background = K - num_classes
+    if background < 1 or not 0.0 < area * num_classes < 1.0:
+        raise ValueError(f"model.class_init_area = {area}: with C = {num_classes} classes and K = {K} components "
+                         f"it must be in (0, 1/C) = (0, {1 / num_classes:.3f}) and K ≥ C + 1")
+    bias = [math.log(area)] * num_classes + [math.log((1.0 - num_classes * area) / background)] * background
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor(bias, dtype=head.bias.dtype))
+
+
+def binary_head_rows(num_classes: int, K: int, source_K: int) -> list[int]:
+    """For each of the K rows of a C-class mask head, the row of a binary model's head (C = 1: row 0 the
+    foreground, rows 1.. background) it starts from: every class row from the foreground row, background row
+    j from the binary model's background rows in turn (`model.init_from_head: binary`)."""
+    if source_K < 2:
+        raise ValueError(f"a binary mask head has at least 2 rows (foreground, background), got {source_K}")
+    return [0] * num_classes + [1 + j % (source_K - 1) for j in range(K - num_classes)]

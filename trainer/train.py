@@ -26,7 +26,7 @@ from .weights import build_segmenter, init_from_checkpoint, load_frozen_g, save_
 def start_from(model: Segmenter, cfg: Config, lineage: dict[str, str], out: Path) -> dict[str, str]:
     """`model.init_from`: load the matching tensors, print what was loaded and skipped, keep the report and the
     lineage in <run dir>/init_from.json; returns the MLflow tags for the run."""
-    report = init_from_checkpoint(model, cfg.model.init_from)
+    report = init_from_checkpoint(model, cfg.model.init_from, cfg.model.init_from_head)
     lineage = lineage or {"init_from": cfg.model.init_from}
     loaded = set(report["loaded"])
     n_loaded = sum(own.numel() for k, own in model.state_dict().items() if k in loaded)
@@ -36,6 +36,8 @@ def start_from(model: Segmenter, cfg: Config, lineage: dict[str, str], out: Path
         print(f"  skipped {line}")
     for key in report["missing"]:
         print(f"  missing {key}")
+    for line in report.get("copied", []):
+        print(f"  copied {line} (model.init_from_head=binary)")
     write_json(out / "init_from.json", {"lineage": lineage, **report})
     return {**lineage, "init_from.loaded": len(report["loaded"]), "init_from.skipped": len(report["skipped"]),
             "init_from.missing": len(report["missing"])}

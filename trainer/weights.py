@@ -14,6 +14,7 @@ from .config import Config, config_from_dict
 from .effnet import EfficientNetLite0, load_state_dict_file
 from .files import atomic_torch_save, run_path
 from .models import FrozenClassifier, Segmenter
+from .multiclass import binary_head_rows, class_bias_init
 
 SEGMENTER_FILE = "segmenter.pt"
 CLASSIFIER_FILE = "classifier.pt"
@@ -62,8 +63,13 @@ def load_frozen_g(cfg: Config, num_classes: int) -> tuple[EfficientNetLite0, Fro
 # ---- the segmenter ----
 
 def build_segmenter(cfg: Config, num_classes: int, g_net: EfficientNetLite0 | None) -> Segmenter:
-    """f_m and f_x; with `model.encoder: efficientnet` their encoder is g's trunk (`g_net`)."""
-    return Segmenter(cfg.model, num_classes, trunk=g_net if cfg.model.encoder == "efficientnet" else None)
+    """f_m and f_x; with `model.encoder: efficientnet` their encoder is g's trunk (`g_net`). With
+    `model.class_init_area` > 0 the mask head's bias starts each class component at that area
+    (`multiclass.class_bias_init`)."""
+    model = Segmenter(cfg.model, num_classes, trunk=g_net if cfg.model.encoder == "efficientnet" else None)
+    if cfg.model.class_init_area > 0:
+        class_bias_init(model.mask_decoder.head, num_classes, cfg.model.class_init_area)
+    return model
 
 
 @dataclass
@@ -112,13 +118,26 @@ def load_segmenter(path: str | Path, g_net: EfficientNetLite0 | None = None) -> 
     return model, stored.config, stored.classes
 
 
-def init_from_checkpoint(model: Segmenter, path: str | Path) -> dict[str, list[str]]:
+MASK_HEAD_KEYS = ("mask_decoder.head.weight", "mask_decoder.head.bias")
+
+
+def init_from_checkpoint(model: Segmenter, path: str | Path, head: str = "skip") -> dict[str, list[str]]:
     """Copy every tensor of a segmenter checkpoint (a segmenter.pt, or a bare state_dict) whose name and shape
-    match into `model` (the shared encoder, decoder stages; a mask head for another K or C does not match and
-    keeps its fresh initialisation). Returns the key names: loaded, skipped (shape mismatch), missing (not in
-    the checkpoint), unused (only there)."""
+    match into `model` (the shared encoder, decoder stages). A mask head for another K or C does not match:
+    with `head` "skip" it keeps its fresh initialisation; with "binary" (`model.init_from_head`; the checkpoint
+    must be a binary segmenter.pt) its rows come from the binary head, the foreground row into every class row
+    and the background rows into the background rows (`multiclass.binary_head_rows`), so every class starts
+    with the binary model's foreground logits. Returns the key names: loaded, skipped (shape mismatch), missing
+    (not in the checkpoint), unused (only there), and with "binary" `copied` (the head, row by row)."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     source = blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
+    if head == "binary":
+        classes = blob.get("classes") if isinstance(blob, dict) else None
+        if classes is None or len(classes) != 1:
+            got = "no class list (a bare state_dict)" if classes is None else f"{len(classes)} classes {classes}"
+            raise WeightsError(f"model.init_from_head=binary needs a binary segmenter.pt (1 class); {path} has {got}")
+        rows = binary_head_rows(model.num_classes, model.K, source[MASK_HEAD_KEYS[0]].shape[0])
+        source = {**source, **{key: source[key][rows] for key in MASK_HEAD_KEYS}}
     own = model.state_dict()
     report: dict[str, list[str]] = {"loaded": [], "skipped": [], "missing": [], "unused": sorted(set(source) - set(own))}
     matched = {}
@@ -130,5 +149,7 @@ def init_from_checkpoint(model: Segmenter, path: str | Path) -> dict[str, list[s
         else:
             matched[key] = source[key]
             report["loaded"].append(key)
+    if head == "binary":
+        report["copied"] = [f"{key} rows {rows}" for key in MASK_HEAD_KEYS]
     model.load_state_dict(matched, strict=False)
     return report
