@@ -70,7 +70,7 @@ def choose_cam_threshold(g, cfg: Config, num_labels: int) -> tuple[float, dict[f
 def choose_fg_threshold(model, cfg: Config, num_labels: int) -> tuple[float, dict[float, float]]:
     """The method's foreground threshold chosen on the same split and by the same rule as CAM's."""
     def prepare(batch):
-        logits = mask_logits(model, batch["image"], cfg.eval.flip)
+        logits = mask_logits(model, batch["image"], cfg.eval.flip, scales=PredictSettings.of(cfg.eval).scales)
         return lambda t: model.predict_labels(logits, t)
     return search_threshold(cfg, num_labels, CAM_THRESHOLDS, prepare)
 
@@ -79,7 +79,8 @@ def choose_gate_threshold(model, g, cfg: Config, num_labels: int, fg_threshold: 
                           ) -> tuple[float, dict[float, float]]:
     """The preserve gate's threshold chosen on the CAM split by mIoU; 0 (no gate) is one of the candidates."""
     def prepare(batch):
-        pred = predict_masks(model, batch["image"], PredictSettings(cfg.eval.flip, fg_threshold)).labels
+        pred = predict_masks(model, batch["image"], PredictSettings.of(cfg.eval, fg_threshold=fg_threshold,
+                                                                       gate_threshold=0.0)).labels
         scores = preserve_scores(g, batch["image"], pred, num_labels - 1, cfg.objective)
         return lambda t: apply_gate(pred, scores, t)
     return search_threshold(cfg, num_labels, [0.0, *CAM_THRESHOLDS], prepare)
@@ -158,7 +159,7 @@ def batch_predictions(batch: dict, model, g, cfg: Config, chosen: dict) -> tuple
     net_out = {}
     if model is not None:
         net_out = model(images)
-        settings = PredictSettings(cfg.eval.flip, chosen["fg_threshold"], gate_threshold)
+        settings = PredictSettings.of(cfg.eval, fg_threshold=chosen["fg_threshold"], gate_threshold=gate_threshold)
         preds["method"] = predict_masks(model, images, settings, g, cfg.objective, net_out).labels
     return preds, net_out, scores
 
@@ -176,18 +177,21 @@ def _pick_grid_indices(labels: torch.Tensor, want_pos: int, want_neg: int) -> li
 
 
 def add_grid_rows(rows: list, left: list[int], batch: dict, preds: dict, net_out: dict, scores: torch.Tensor) -> None:
-    """The first positive and negative images of the split, up to `left` = [positives, negatives] still wanted."""
+    """The first positive and negative images of the split, up to `left` = [positives, negatives] still wanted.
+    Images of a padded batch (real photos at their own size) are cut to batch["size"]: no padding is shown."""
     images, labels, truth = batch["image"], batch["labels"], batch["mask"]
     for i in _pick_grid_indices(labels, *left):
         positive = bool(labels[i].sum() > 0)
         left[0 if positive else 1] -= 1
+        h, w = (int(v) for v in batch["size"][i]) if "size" in batch else images.shape[-2:]
+        image, cam = images[i, :, :h, :w], scores[i].max(0).values[:h, :w]
         if net_out:
-            M = mask_lets(net_out["mask_logits"][i:i + 1])
-            X = net_out["imagelets"][i:i + 1]
-            rows.append(grid_row(images[i], truth[i], preds["method"][i], scores[i].max(0).values,
+            M = mask_lets(net_out["mask_logits"][i:i + 1])[..., :h, :w]
+            X = net_out["imagelets"][i:i + 1][..., :h, :w]
+            rows.append(grid_row(image, truth[i, :h, :w], preds["method"][i, :h, :w], cam,
                                  M[0], X[0], reconstruction(M, X)[0]))
         else:
-            rows.append(grid_row(images[i], truth[i], preds["CAM"][i], scores[i].max(0).values, [], [], images[i]))
+            rows.append(grid_row(image, truth[i, :h, :w], preds["CAM"][i, :h, :w], cam, [], [], image))
 
 
 @torch.no_grad()

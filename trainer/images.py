@@ -1,6 +1,6 @@
 """Images in: one image as H×W×3 uint8 RGB from encoded bytes, base64 or pixel arrays, the images of a pyfunc
-input (a DataFrame, a dict of lists, a list or an array), and the resize to the model's input size that the
-training loader uses."""
+input (a DataFrame, a dict of lists, a list or an array), and the image as the model takes it: resized to the
+model's input size as the training loader resizes, or at its own size padded to a multiple of 32."""
 from __future__ import annotations
 
 import base64
@@ -177,7 +177,19 @@ def model_input_images(model_input: Any, dropped_columns: list[str] | None = Non
                           "with an 'image' or 'pixels' column, a list of images, or an array")
 
 
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """H×W×3 uint8 → 3×H×W float in [0,1], as the loader's batches hold images."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
+
+
 def resize_for_model(image: np.ndarray, size: int) -> torch.Tensor:
     """H×W×3 uint8 → 3×S×S float in [0,1], resized exactly as the training loader resizes."""
-    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-    return torch.from_numpy(resized.copy()).permute(2, 0, 1).float().div_(255.0)
+    return image_tensor(np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)))
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """3×H×W → 3×H'×W' with H', W' the next multiples of `multiple`: zeros at the bottom and right, as the
+    evaluation loader pads real photos (data_shards.augment.pad_batch), so an encoder that downsamples
+    `multiple` times takes any image at its own size."""
+    pad_h, pad_w = -image.shape[-2] % multiple, -image.shape[-1] % multiple
+    return torch.nn.functional.pad(image, (0, pad_w, 0, pad_h)) if pad_h or pad_w else image

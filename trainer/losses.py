@@ -4,7 +4,10 @@ L = L_recon + λ_m·L_mask + λ_c·L_cls (preset `paper`), and the preserve/dele
 and sums them.
 
 Shapes: I B×3×H×W in [0,1]; Z B×K×H×W; M B×K×H×W (sums to 1 over K); X B×K×3×H×W; y B×C multi-hot.
-Components 0..C−1 belong to the classes, C..K−1 are background components."""
+Components 0..C−1 belong to the classes, C..K−1 are background components. `valid` (B×H×W bool, the loader's
+batch["valid"] for random-scale crops of real photos): the pixels that are image; every mean over pixels is
+then a mean over the valid ones, and the padding counts nowhere. `valid` None (the toy sets) is the plain mean,
+computed exactly as without the argument."""
 from __future__ import annotations
 
 import math
@@ -39,9 +42,28 @@ def reconstruction(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return (M.unsqueeze(2) * X).sum(dim=1)
 
 
-def L_recon(I_hat: torch.Tensor, I: torch.Tensor) -> torch.Tensor:
-    """mean (Î − I)²."""
-    return ((I_hat - I) ** 2).mean()
+def valid_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The mean of x (B×H×W, or B×N×H×W with `valid` broadcast over N) over the valid pixels; x.mean() when
+    `valid` is None. 0 (with a graph) when no pixel is valid."""
+    if valid is None:
+        return x.mean()
+    v = valid.to(x.dtype)
+    if x.dim() == 4:
+        v = v.unsqueeze(1).expand_as(x)
+    return (x * v).sum() / v.sum().clamp_min(1)
+
+
+def valid_area(M: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """a = mean over pixels of each map of M (B×K×H×W → B×K), over the valid pixels of each image."""
+    if valid is None:
+        return M.mean(dim=(2, 3))
+    v = valid.to(M.dtype).unsqueeze(1)
+    return (M * v).sum(dim=(2, 3)) / v.sum(dim=(2, 3)).clamp_min(1)
+
+
+def L_recon(I_hat: torch.Tensor, I: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """mean (Î − I)² (over the valid pixels)."""
+    return valid_mean((I_hat - I) ** 2, valid)
 
 
 def bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -50,12 +72,13 @@ def bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * torch.log(p) + (1 - target) * torch.log(1 - p))
 
 
-def L_mask(M: torch.Tensor, y: torch.Tensor, area_target: float = 0.0) -> torch.Tensor:
-    """Area prior. a_k = mean over pixels of M_k. Class components: BCE(a_k, y_k) (absent → area 0, or
+def L_mask(M: torch.Tensor, y: torch.Tensor, area_target: float = 0.0,
+           valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Area prior. a_k = mean over (valid) pixels of M_k. Class components: BCE(a_k, y_k) (absent → area 0, or
     `area_target`; present → area pushed up); background: BCE(Σ_{background k} a_k, 1). Sum over
     components, mean over batch."""
     C = y.shape[1]
-    a = M.mean(dim=(2, 3))
+    a = valid_area(M, valid)
     target = y + (1 - y) * area_target
     class_terms = bce(a[:, :C], target).sum(dim=1)
     background_term = bce(a[:, C:].sum(dim=1), torch.ones_like(a[:, 0]))
@@ -95,11 +118,16 @@ def gaussian_blur(I: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def fill_image(I: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+def fill_image(I: torch.Tensor, cfg: ObjectiveConfig, valid: torch.Tensor | None = None) -> torch.Tensor:
     """F: what deleted pixels are replaced with (no gradient). `blur`: Gaussian blur of I; `shuffle`: blur of
-    another image of the batch, so the fill carries no trace of this image's object."""
+    another image of the batch, so the fill carries no trace of this image's object. With `valid` the blur is
+    normalised by the blurred valid mask, G * (v ⊙ I) / G * v, so the padding's black never bleeds into it."""
     with torch.no_grad():
-        fill = gaussian_blur(I, cfg.fill_sigma)
+        if valid is None:
+            fill = gaussian_blur(I, cfg.fill_sigma)
+        else:
+            v = valid.to(I.dtype).unsqueeze(1)
+            fill = gaussian_blur(I * v, cfg.fill_sigma) / gaussian_blur(v, cfg.fill_sigma).clamp_min(1e-4)
         if cfg.fill == "shuffle":
             fill = fill.roll(1, dims=0)
     return fill
@@ -144,20 +172,24 @@ def L_delete_tagged(deleted_logits: torch.Tensor, keep_targets: torch.Tensor,
     return L_delete(lambda _: deleted_logits[tagged], None, delete_targets[tagged])
 
 
-def L_area(M_fg: torch.Tensor) -> torch.Tensor:
-    """mean(M_fg) over every image (positive or not): the smallest mask that does the job."""
-    return M_fg.mean()
+def L_area(M_fg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """mean(M_fg) over every (valid) pixel of every image (positive or not): the smallest mask that does the job."""
+    return valid_mean(M_fg, valid)
 
 
-def L_tv(M_fg: torch.Tensor, I: torch.Tensor | None = None, edge_aware: float = 0.0) -> torch.Tensor:
+def L_tv(M_fg: torch.Tensor, I: torch.Tensor | None = None, edge_aware: float = 0.0,
+         valid: torch.Tensor | None = None) -> torch.Tensor:
     """Total variation mean|Δ_v M| + mean|Δ_h M|. With edge_aware > 0 each difference is weighted by
-    exp(−edge_aware·|Δ I|) (mean over RGB), so the mask may change where the image has an edge."""
+    exp(−edge_aware·|Δ I|) (mean over RGB), so the mask may change where the image has an edge. With `valid`,
+    only differences between two valid pixels count (the edge of the padding is no mask edge)."""
     dv = (M_fg[:, 1:, :] - M_fg[:, :-1, :]).abs()
     dh = (M_fg[:, :, 1:] - M_fg[:, :, :-1]).abs()
     if edge_aware > 0 and I is not None:
         dv = dv * torch.exp(-edge_aware * (I[:, :, 1:, :] - I[:, :, :-1, :]).abs().mean(dim=1))
         dh = dh * torch.exp(-edge_aware * (I[:, :, :, 1:] - I[:, :, :, :-1]).abs().mean(dim=1))
-    return dv.mean() + dh.mean()
+    if valid is None:
+        return dv.mean() + dh.mean()
+    return valid_mean(dv, valid[:, 1:, :] & valid[:, :-1, :]) + valid_mean(dh, valid[:, :, 1:] & valid[:, :, :-1])
 
 
 def pasted(M_fg: torch.Tensor, I: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
@@ -166,13 +198,14 @@ def pasted(M_fg: torch.Tensor, I: torch.Tensor, background: torch.Tensor) -> tor
 
 
 def L_paste(segment: Callable[[torch.Tensor], dict], I: torch.Tensor, y: torch.Tensor, M_fg: torch.Tensor,
-            num_classes: int) -> torch.Tensor:
+            num_classes: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Background-swap consistency (cut-and-paste, Remez et al. 2018): each positive image's objects, cut out
     by the current mask (no gradient), are pasted onto a negative image of the batch, and the mask network must
     return the same (hardened) mask there, class by class. The training set pairs each class with its own
     background group, so these composites are exactly the pairings the bias hides; a mask that leans on the
     background fails them. `M_fg` is B×H×W (C = 1) or the class mask-lets B×C×H×W. BCE averaged over pixels
-    (and classes) of the pasted images; 0 when the batch lacks positives or negatives."""
+    (and classes) of the pasted images; 0 when the batch lacks positives or negatives. With `valid`, nothing is cut
+    from a positive's padding and only pixels that are image in both the positive and its background count."""
     positive = y.sum(dim=1) > 0
     if positive.all() or not positive.any():
         # still one forward, weighted 0: every rank must run the same number of forwards (ZeRO-3 gathers the
@@ -181,10 +214,15 @@ def L_paste(segment: Callable[[torch.Tensor], dict], I: torch.Tensor, y: torch.T
     per_class = M_fg if M_fg.dim() == 4 else M_fg.unsqueeze(1)
     source = per_class[positive].detach()
     backgrounds = I[~positive]
-    backgrounds = backgrounds[torch.arange(source.shape[0], device=I.device) % backgrounds.shape[0]]
+    pick = torch.arange(source.shape[0], device=I.device) % backgrounds.shape[0]
+    backgrounds = backgrounds[pick]
+    both = None
+    if valid is not None:
+        source = source * valid[positive].unsqueeze(1).to(source.dtype)
+        both = valid[positive] & valid[~positive][pick]
     composite = pasted(source.sum(dim=1), I[positive], backgrounds)
     M_new = mask_lets(segment(composite)["mask_logits"])[:, :num_classes]
-    return bce(M_new, (source > 0.5).to(M_new.dtype)).mean()
+    return valid_mean(bce(M_new, (source > 0.5).to(M_new.dtype)), both)
 
 
 def erased(M_fg: torch.Tensor, I: torch.Tensor, fill: torch.Tensor, dilate: int) -> torch.Tensor:
@@ -198,23 +236,31 @@ def erased(M_fg: torch.Tensor, I: torch.Tensor, fill: torch.Tensor, dilate: int)
 
 
 def L_erase(segment: Callable[[torch.Tensor], dict], g: Classifier | None, I: torch.Tensor, y: torch.Tensor,
-            M_fg: torch.Tensor, fill: torch.Tensor, num_classes: int, dilate: int) -> torch.Tensor:
+            M_fg: torch.Tensor, fill: torch.Tensor, num_classes: int, dilate: int,
+            valid: torch.Tensor | None = None) -> torch.Tensor:
     """Erase consistency: each positive image with its objects erased by the current mask (`erased`) is a
     background-only image, and the mask network must find no object there: BCE(M_c(E), 0) over pixels and class
     components. Given g (`objective.erase_gate`), it counts only where g agrees that E holds no class any more
     (σ(g(E)) < 0.5 for every class), so an incomplete erasure never teaches the mask to ignore an object; with
     g None every erased positive counts, even where g's bias still reads the background as the class. On
     toy-birds the positives are mostly on water, so E is the water-without-bird image that the training set
-    (ρ = 0.9) almost lacks. Mean over the counted images; 0 (with a graph) when none counts."""
+    (ρ = 0.9) almost lacks. Mean over the counted images; 0 (with a graph) when none counts. With `valid`, the
+    padding is never erased (its mask is taken as 0) and each image's BCE is a mean over its valid pixels."""
     positive = y.sum(dim=1) > 0
     if not positive.any():  # still one forward: every rank runs the same forwards (see L_paste)
         return segment(I[:1])["mask_logits"].sum() * 0.0
-    E = erased(M_fg[positive], I[positive], fill[positive], dilate)
+    M_erase = M_fg[positive] if valid is None else M_fg[positive] * valid[positive].to(M_fg.dtype)
+    E = erased(M_erase, I[positive], fill[positive], dilate)
     with torch.no_grad():
         clean = (torch.sigmoid(g(E)) < 0.5).all(dim=1) if g is not None else torch.ones(
             len(E), dtype=torch.bool, device=E.device)
     M_new = mask_lets(segment(E)["mask_logits"])[:, :num_classes]
-    per_image = bce(M_new, torch.zeros_like(M_new)).flatten(1).mean(dim=1)
+    per_pixel = bce(M_new, torch.zeros_like(M_new))
+    if valid is None:
+        per_image = per_pixel.flatten(1).mean(dim=1)
+    else:
+        v = valid[positive].to(per_pixel.dtype).unsqueeze(1).expand_as(per_pixel)
+        per_image = (per_pixel * v).flatten(1).sum(dim=1) / v.flatten(1).sum(dim=1).clamp_min(1)
     return (per_image * clean.to(per_image.dtype)).sum() / clean.sum().clamp(min=1)
 
 
@@ -239,11 +285,11 @@ def classifier_rows(M: torch.Tensor, M_fg: torch.Tensor, y: torch.Tensor) -> tup
     return image, rows, keep, y[image] - keep
 
 
-def L_absent(M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Σ over the classes an image is not tagged with of the area a_c = mean_px M_c, mean over images: a
-    class component must be empty where its class is absent (multi-class; `objective.absent_weight`)."""
+def L_absent(M: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over the classes an image is not tagged with of the area a_c = mean_px M_c (valid pixels), mean over
+    images: a class component must be empty where its class is absent (multi-class; `objective.absent_weight`)."""
     C = y.shape[1]
-    return ((1 - y) * M[:, :C].mean(dim=(2, 3))).sum(dim=1).mean()
+    return ((1 - y) * valid_area(M[:, :C], valid)).sum(dim=1).mean()
 
 
 def erase_schedule(cfg: ObjectiveConfig, step: int | None) -> float:
@@ -258,7 +304,7 @@ def erase_schedule(cfg: ObjectiveConfig, step: int | None) -> float:
     return 1.0 if cfg.erase_ramp <= 0 else min(1.0, (step - cfg.erase_start + 1) / cfg.erase_ramp)
 
 
-def L_negative(M_fg: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def L_negative(M_fg: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Negative bags (multiple-instance learning): an image tagged with no class holds no object pixel, so every
     pixel of M_fg there is background: BCE(M_fg, 0), mean over the pixels of the untagged images. Unlike L_area
     (linear in M_fg, over all images) it punishes a confident false positive without bound, which is what g's
@@ -268,14 +314,17 @@ def L_negative(M_fg: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if not negative.any():
         return M_fg.sum() * 0.0
     M_neg = M_fg[negative]
-    return bce(M_neg, torch.zeros_like(M_neg)).mean()
+    return valid_mean(bce(M_neg, torch.zeros_like(M_neg)), None if valid is None else valid[negative])
 
 
 # ------------------------------------------------------------------------- two-stage baseline: CAM pseudo-labels
-def L_pseudo(Z: torch.Tensor, pseudo_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def L_pseudo(Z: torch.Tensor, pseudo_labels: torch.Tensor, num_classes: int,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the components against a label map (label c + 1 → component c, 0 → the first
-    background component C)."""
+    background component C); padded pixels (`valid` False) are ignored."""
     target = torch.where(pseudo_labels > 0, pseudo_labels - 1, torch.full_like(pseudo_labels, num_classes))
+    if valid is not None:
+        target = torch.where(valid, target, torch.full_like(target, -100))  # F.cross_entropy's ignore_index
     return F.cross_entropy(Z, target)
 
 

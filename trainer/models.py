@@ -211,10 +211,38 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def mask_logits(model, images: torch.Tensor, flip: bool, net_out: dict | None = None) -> torch.Tensor:
+def mask_logits(model, images: torch.Tensor, flip: bool, net_out: dict | None = None,
+                scales: tuple[float, ...] | list[float] = (1.0,)) -> torch.Tensor:
     """The segmenter's mask logits for prediction; with `flip` the mean of the image's and its mirror image's
-    (mirrored back), the flip test-time augmentation of WSSS evaluations. `net_out`: the forward already run."""
-    logits = (net_out or model(images))["mask_logits"]
-    if flip:
-        logits = (logits + model(images.flip(-1))["mask_logits"].flip(-1)) / 2
-    return logits
+    (mirrored back), the flip test-time augmentation of WSSS evaluations. `scales`: multi-scale test-time
+    augmentation, the mean over the scales of the (flip-averaged) logits of the batch resized by each scale, each
+    resized back to the input size (`scaled_mask_logits`); (1.0,) is the input as it is. `net_out`: the forward
+    on `images` already run (used for scale 1.0)."""
+    if len(scales) == 1:
+        return scaled_mask_logits(model, images, flip, float(scales[0]), net_out)
+    total = None
+    for scale in scales:
+        logits = scaled_mask_logits(model, images, flip, float(scale), net_out)
+        total = logits if total is None else total + logits
+    return total / len(scales)
+
+
+def scaled_mask_logits(model, images: torch.Tensor, flip: bool, scale: float = 1.0,
+                       net_out: dict | None = None) -> torch.Tensor:
+    """The (flip-averaged) mask logits of `images` resized by `scale` (bilinear), at the input's size. The
+    resized batch is padded at the bottom and right with zeros to a multiple of the encoder's divisor (as the
+    evaluation loader pads), predicted, cut back to the resized extent and resized to the input's H×W."""
+    if scale == 1.0:
+        logits = (net_out or model(images))["mask_logits"]
+        if flip:
+            logits = (logits + model(images.flip(-1))["mask_logits"].flip(-1)) / 2
+        return logits
+    height, width = images.shape[-2:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    divisor = getattr(model, "divisor", 1)
+    pad_h, pad_w = -size[0] % divisor, -size[1] % divisor
+    if pad_h or pad_w:
+        scaled = F.pad(scaled, (0, pad_w, 0, pad_h))
+    logits = scaled_mask_logits(model, scaled, flip)[..., :size[0], :size[1]]
+    return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)

@@ -21,13 +21,15 @@ Terms = dict[str, torch.Tensor]
 
 
 def paper_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
-                    training: bool = True, segment=None, step: int | None = None) -> Terms:
+                    training: bool = True, segment=None, step: int | None = None,
+                    valid: torch.Tensor | None = None) -> Terms:
     """L = L_recon + λ_m·L_mask + λ_c·L_cls."""
     M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
     X = out["imagelets"]
     I_hat = reconstruction(M, X)
     V = X if cfg.cls_input == "imagelet" else I.unsqueeze(1).expand_as(X)
-    terms = {"L_recon": L_recon(I_hat, I), "L_mask": L_mask(M, y, cfg.area_target), "L_cls": L_cls(g, M, V, y)}
+    terms = {"L_recon": L_recon(I_hat, I, valid), "L_mask": L_mask(M, y, cfg.area_target, valid),
+             "L_cls": L_cls(g, M, V, y)}
     terms["loss"] = terms["L_recon"] + cfg.lambda_m * terms["L_mask"] + cfg.lambda_c * terms["L_cls"]
     return terms
 
@@ -55,19 +57,21 @@ class OptionalTerm:
 
 OPTIONAL_TERMS: tuple[OptionalTerm, ...] = (
     OptionalTerm("L_absent", lambda cfg, step: cfg.lambda_m * cfg.absent_weight,
-                 lambda cfg, step: cfg.absent_weight > 0, lambda ctx: L_absent(ctx["M"], ctx["y"])),
+                 lambda cfg, step: cfg.absent_weight > 0, lambda ctx: L_absent(ctx["M"], ctx["y"], ctx["valid"])),
     OptionalTerm("L_class_area", lambda cfg, step: cfg.lambda_m * cfg.class_area_weight,
                  lambda cfg, step: cfg.class_area_weight > 0,
                  lambda ctx: L_class_area(ctx["M"], ctx["y"], ctx["cfg"].class_area_min, ctx["cfg"].class_area_max,
                                           ctx["cfg"].class_area_absent)),
     OptionalTerm("L_negative", lambda cfg, step: cfg.lambda_m * cfg.negative_weight,
-                 lambda cfg, step: cfg.negative_weight > 0, lambda ctx: L_negative(ctx["M_fg"], ctx["y"])),
+                 lambda cfg, step: cfg.negative_weight > 0, lambda ctx: L_negative(ctx["M_fg"], ctx["y"], ctx["valid"])),
     OptionalTerm("L_paste", lambda cfg, step: cfg.paste_weight, lambda cfg, step: cfg.paste_weight > 0,
-                 lambda ctx: L_paste(ctx["segment"], ctx["I"], ctx["y"], ctx["M_classes"], ctx["C"]), training=True),
+                 lambda ctx: L_paste(ctx["segment"], ctx["I"], ctx["y"], ctx["M_classes"], ctx["C"], ctx["valid"]),
+                 training=True),
     OptionalTerm("L_erase", lambda cfg, step: cfg.erase_weight * erase_schedule(cfg, step),
                  lambda cfg, step: cfg.erase_weight > 0 and erase_schedule(cfg, step) > 0,
                  lambda ctx: L_erase(ctx["segment"], ctx["g"] if ctx["cfg"].erase_gate else None, ctx["I"], ctx["y"],
-                                     ctx["M_fg"], ctx["fill"], ctx["C"], ctx["cfg"].erase_dilate), training=True),
+                                     ctx["M_fg"], ctx["fill"], ctx["C"], ctx["cfg"].erase_dilate, ctx["valid"]),
+                 training=True),
 )
 
 
@@ -85,7 +89,7 @@ def weighted_loss(terms: Terms, cfg: ObjectiveConfig, step: int | None) -> torch
 def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier,
                               cfg: ObjectiveConfig, training: bool = True,
                               segment: Callable[[torch.Tensor], dict] | None = None,
-                              step: int | None = None) -> Terms:
+                              step: int | None = None, valid: torch.Tensor | None = None) -> Terms:
     """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
     + tv_weight·L_tv) + recon_weight·L_recon + λ_m·(absent_weight·L_absent + class_area_weight·L_class_area
     + negative_weight·L_negative)
@@ -95,26 +99,33 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     For C classes the classifier terms work per tagged class on the class's own component (`classifier_rows`):
     keeping only M_c must read as class c alone, removing M_c must remove class c and keep the others. L_tv is
     summed over the class components, L_paste is checked class by class. For C = 1 every term is the binary
-    one unchanged."""
+    one unchanged.
+
+    `valid` (batch["valid"] of random-scale crops; None: every pixel is image): the pixel terms (L_area, L_tv,
+    L_recon, L_absent, L_negative, L_paste, L_erase) count only valid pixels, the fill is blurred from valid
+    pixels only, and g sees the padding of the preserved and deleted images as the loader gave it."""
     C = y.shape[1]
     M = mask_lets(out["mask_logits"], cfg.mask_sampling if training else "soft", cfg.gumbel_tau)
     M_fg = foreground(M, C)
-    fill = fill_image(I, cfg)
+    fill = fill_image(I, cfg, valid)
     image, rows, keep_targets, delete_targets = classifier_rows(M, M_fg, y)
     R = rows.shape[0]
     I_rows, fill_rows = I[image], fill[image]
-    both = g(torch.cat([preserved(rows, I_rows, fill_rows), deleted(rows, I_rows, fill_rows)]))  # one pass
+    views = torch.cat([preserved(rows, I_rows, fill_rows), deleted(rows, I_rows, fill_rows)])
+    if valid is not None:  # the padding stays as the loader padded it: the mask has no say there
+        views = torch.where(valid[image].unsqueeze(1).repeat(2, 1, 1, 1), views, I_rows.repeat(2, 1, 1, 1))
+    both = g(views)  # one pass
     terms = {
         "L_preserve": L_preserve(lambda _: both[:R], None, keep_targets),
         "L_delete": (L_delete(lambda _: both[R:], None, delete_targets) if cfg.delete_untagged
                      else L_delete_tagged(both[R:], keep_targets, delete_targets)),
-        "L_area": L_area(M_fg),
+        "L_area": L_area(M_fg, valid),
         # per class component; C = 1 reads M_fg (= M_0) so gradients accumulate in the binary code's order
-        "L_tv": sum(L_tv(M_c, I, cfg.edge_aware_tv) for M_c in (M[:, :C].unbind(1) if C > 1 else [M_fg])),
-        "L_recon": L_recon(reconstruction(M, out["imagelets"]), I),
+        "L_tv": sum(L_tv(M_c, I, cfg.edge_aware_tv, valid) for M_c in (M[:, :C].unbind(1) if C > 1 else [M_fg])),
+        "L_recon": L_recon(reconstruction(M, out["imagelets"]), I, valid),
     }
     ctx = {"M": M, "M_fg": M_fg, "M_classes": M[:, :C] if C > 1 else M_fg, "I": I, "y": y, "g": g, "fill": fill,
-           "C": C, "cfg": cfg, "segment": segment}
+           "C": C, "cfg": cfg, "segment": segment, "valid": valid}
     for term in OPTIONAL_TERMS:
         if term.active(cfg, step) and (not term.training or (training and segment is not None)):
             terms[term.name] = term.compute(ctx)
@@ -132,10 +143,12 @@ def _cam_pseudo_labels(g, I: torch.Tensor, y: torch.Tensor, threshold: float) ->
 
 
 def cam_pseudo_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g, cfg: ObjectiveConfig,
-                         training: bool = True, segment=None, step: int | None = None) -> Terms:
+                         training: bool = True, segment=None, step: int | None = None,
+                         valid: torch.Tensor | None = None) -> Terms:
     """The classic two-stage WSSS baseline: g's CAM, gated by the image-level tags and thresholded at
     `cam_threshold`, is the pixel label the segmenter learns (no reconstruction, no classifier guidance)."""
-    terms = {"L_pseudo": L_pseudo(out["mask_logits"], _cam_pseudo_labels(g, I, y, cfg.cam_threshold), y.shape[1])}
+    terms = {"L_pseudo": L_pseudo(out["mask_logits"], _cam_pseudo_labels(g, I, y, cfg.cam_threshold), y.shape[1],
+                                  valid)}
     terms["loss"] = terms["L_pseudo"]
     return terms
 
@@ -146,7 +159,8 @@ OBJECTIVES = {"paper": paper_objective, "preserve_delete": preserve_delete_objec
 
 def objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
               training: bool = True, segment: Callable[[torch.Tensor], dict] | None = None,
-              step: int | None = None) -> Terms:
+              step: int | None = None, valid: torch.Tensor | None = None) -> Terms:
     """The preset's objective. Every preset takes the training `step` (None outside a training loop); only
-    scheduled terms (preserve_delete's L_erase) read it."""
-    return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training, segment, step)
+    scheduled terms (preserve_delete's L_erase) read it. `valid`: batch["valid"] (B×H×W bool) of crop-mode
+    batches, the pixels that are image (None: all of them, the toy sets)."""
+    return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training, segment, step, valid)

@@ -128,7 +128,9 @@ def train_step(engine, g, cfg: Config, batches: Iterator[dict], accum: int, step
     for _ in range(accum):
         batch = next(batches)
         images, labels = prepare_images(batch["image"], cfg), batch["labels"]
-        terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step)
+        valid = batch.get("valid")  # crop mode: the pixels that are image, not padding (None: all)
+        terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step,
+                          valid=None if valid is None else valid.to(images.device))
         engine.backward(terms["loss"])
         engine.step()
         for name, value in terms.items():

@@ -1,5 +1,5 @@
 """Picture grids users look at: one row per image, columns image | ground truth | prediction | CAM |
-mask-lets | image-lets | reconstruction."""
+mask-lets | image-lets | reconstruction; each image at its own size (evaluate cuts padded batches to it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,10 +37,12 @@ def grid_row(image, truth, prediction, cam, masklets, imagelets, recon) -> list[
 
 
 def save_grid(rows: list[list[np.ndarray]], path: Path, K: int, scale: int = 2, title: str = "") -> Path:
+    """The rows as one PNG, every cell `scale` times its own size (rows of different sizes, real photos at
+    their own size, each keep their aspect; the cell box is the largest of them)."""
     headers = ["image", "truth", "prediction", "CAM"] + [f"M_{k}" for k in range(K)] + \
               [f"X_{k}" for k in range(K)] + ["recon"]
-    h, w = rows[0][0].shape[:2]
-    h, w = h * scale, w * scale
+    h = max(row[0].shape[0] for row in rows) * scale
+    w = max(row[0].shape[1] for row in rows) * scale
     pad, top = 2, 16 + (14 if title else 0)
     canvas = Image.new("RGB", (len(headers) * (w + pad), top + len(rows) * (h + pad)), (40, 40, 40))
     draw = ImageDraw.Draw(canvas)
@@ -50,7 +52,7 @@ def save_grid(rows: list[list[np.ndarray]], path: Path, K: int, scale: int = 2, 
         draw.text((col * (w + pad) + 2, top - 14), name, fill=(255, 255, 255))
     for r, row in enumerate(rows):
         for col, cell in enumerate(row):
-            tile = Image.fromarray(cell).resize((w, h), Image.NEAREST)
+            tile = Image.fromarray(cell).resize((cell.shape[1] * scale, cell.shape[0] * scale), Image.NEAREST)
             canvas.paste(tile, (col * (w + pad), top + r * (h + pad)))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
