@@ -165,6 +165,14 @@ class EvalConfig:
     # method: multi-scale test-time augmentation; the mask logits at each scale (and flipped with eval.flip),
     # resized back to the input size and averaged. [1.0]: the input as it is (one forward, or two with flip)
     scales: list = field(default_factory=lambda: [1.0])
+    # method: dense-CRF refinement of the (flip / multi-scale averaged) masks, trainer/crf.py (pydensecrf2);
+    # crf_iterations 0 = off. Widths in pixels at the model's input size, colour width in 0-255 units.
+    crf_iterations: int = 0
+    crf_gaussian_sxy: float = 1.0
+    crf_gaussian_compat: float = 3.0
+    crf_bilateral_sxy: float = 16.0
+    crf_bilateral_srgb: float = 13.0
+    crf_bilateral_compat: float = 10.0
 
 
 @dataclass

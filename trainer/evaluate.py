@@ -23,7 +23,6 @@ from .gate import apply_gate, preserve_scores
 from .inference import PredictSettings, predict_masks
 from .losses import mask_lets, reconstruction
 from .metrics import SegmentationMeter
-from .models import mask_logits
 from .multiclass import PerClassThresholdSearch, bias_groups, cam_labels_per_class
 from .tracker import Tracker
 from .viz import grid_row
@@ -69,8 +68,8 @@ def choose_cam_threshold(g, cfg: Config, num_labels: int) -> tuple[float, dict[f
 
 def choose_fg_threshold(model, cfg: Config, num_labels: int) -> tuple[float, dict[float, float]]:
     """The method's foreground threshold chosen on the same split and by the same rule as CAM's."""
-    def prepare(batch):
-        logits = mask_logits(model, batch["image"], cfg.eval.flip, scales=PredictSettings.of(cfg.eval).scales)
+    def prepare(batch):  # the one inference path's logits (flip, scales, CRF), before threshold and gate
+        logits = predict_masks(model, batch["image"], PredictSettings.of(cfg.eval, gate_threshold=0.0)).logits
         return lambda t: model.predict_labels(logits, t)
     return search_threshold(cfg, num_labels, CAM_THRESHOLDS, prepare)
 

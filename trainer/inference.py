@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, EvalConfig, ObjectiveConfig
+from .crf import CRFSettings, refine_logits
 from .gate import apply_gate, preserve_scores
 from .images import image_tensor, pad_to_multiple, resize_for_model
 from .models import mask_logits
@@ -24,16 +25,20 @@ BATCH_SIZE = 16
 @dataclass(frozen=True)
 class PredictSettings:
     """How the method predicts: `eval.flip`, `eval.fg_threshold`, `eval.gate_threshold` (0: gate off),
-    `eval.scales` (multi-scale test-time augmentation; (1.0,): none)."""
+    `eval.scales` (multi-scale test-time augmentation; (1.0,): none), `eval.crf_*` (dense-CRF refinement of
+    the averaged masks; off by default)."""
     flip: bool = True
     fg_threshold: float = 0.5
     gate_threshold: float = 0.0
     scales: tuple[float, ...] = (1.0,)
+    crf: CRFSettings = CRFSettings()
 
     @classmethod
     def of(cls, ecfg: EvalConfig, **changes) -> "PredictSettings":
+        crf = CRFSettings(ecfg.crf_iterations, ecfg.crf_gaussian_sxy, ecfg.crf_gaussian_compat,
+                          ecfg.crf_bilateral_sxy, ecfg.crf_bilateral_srgb, ecfg.crf_bilateral_compat)
         values = {"flip": ecfg.flip, "fg_threshold": ecfg.fg_threshold, "gate_threshold": ecfg.gate_threshold,
-                  "scales": tuple(float(s) for s in ecfg.scales)}
+                  "scales": tuple(float(s) for s in ecfg.scales), "crf": crf}
         return cls(**{**values, **changes})
 
 
@@ -83,7 +88,8 @@ def predict_masks(model, images: torch.Tensor, settings: PredictSettings, g=None
     """The method's prediction for a batch at the model's size. With the gate on, the frozen `g` scores each
     predicted class region on its own (with `objective`'s fill). `net_out`: the forward on `images` already run."""
     C = model.num_classes
-    logits = mask_logits(model, images, settings.flip, net_out, settings.scales)
+    logits = refine_logits(mask_logits(model, images, settings.flip, net_out, settings.scales), images, C,
+                           settings.crf)
     labels = model.predict_labels(logits, settings.fg_threshold)
     scores = torch.full((images.shape[0], C), float("nan"))
     if settings.gate_threshold > 0:
