@@ -115,7 +115,8 @@ def test_paste_and_erase_ignore_the_padding():
     assert torch.equal(erase, L_erase(pointwise_segment, None, I2, y, M_fg2, fill2, 1, 2, valid))
     # all valid = no valid (the toy sets' numbers)
     everywhere = torch.ones(B, H, W, dtype=torch.bool)
-    assert torch.allclose(L_paste(pointwise_segment, I, y, M_fg, 1, everywhere), L_paste(pointwise_segment, I, y, M_fg, 1))
+    assert torch.allclose(L_paste(pointwise_segment, I, y, M_fg, 1, everywhere),
+                          L_paste(pointwise_segment, I, y, M_fg, 1))
     assert torch.allclose(L_erase(pointwise_segment, None, I, y, M_fg, fill, 1, 2, everywhere),
                           L_erase(pointwise_segment, None, I, y, M_fg, fill, 1, 2))
     # by hand for the paste: positive 0 on negative 1, positive 2 on negative 1; pixels image in both count

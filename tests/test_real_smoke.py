@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_distributed import BIN, _finish, _free_port, _start
+from test_distributed import BIN, _finish, _free_port
 from test_mlflow import mlflow_server
 from test_real_voc import _save_palette_png, _xml, make_vocdevkit
 
