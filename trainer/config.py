@@ -100,7 +100,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    preset: str = "preserve_delete"  # "paper" | "preserve_delete" | "cam_pseudo" (two-stage baseline)
+    preset: str = "preserve_delete"  # "paper" | "preserve_delete" | "cam_pseudo" (two-stage baseline) | "self_train"
     lambda_m: float = 1.0
     lambda_c: float = 1.0
     cls_input: str = "imagelet"  # paper preset: V_k = X_k ("imagelet") or I ("image")
@@ -118,6 +118,7 @@ class ObjectiveConfig:
     class_area_min: float = 0.03  # L_class_area: least area of a tagged class (fraction of the image)
     class_area_max: float = 0.4  # L_class_area: most area of a tagged class
     class_area_absent: float = 0.0  # L_class_area: most area of an untagged class before it pays
+    class_area_floor: str = "hinge"  # L_class_area below class_area_min: "hinge" (linear) | "log" (log-area)
     edge_aware_tv: float = 0.0  # > 0: TV weight exp(-|∇I|·edge_aware_tv) (cuts allowed on image edges)
     recon_weight: float = 10.0
     paste_weight: float = 0.0  # preserve_delete: background-swap consistency L_paste (0 = off)
@@ -129,6 +130,8 @@ class ObjectiveConfig:
     fill_sigma: float = 10.0  # preserve_delete: Gaussian-blur fill of deleted regions, in pixels
     fill: str = "blur"  # "blur" | "shuffle" (blurred image of another sample)
     cam_threshold: float = 0.5  # cam_pseudo: CAM score above which a pixel is labelled with the tag's class
+    teacher: str = ""  # self_train: the segmenter.pt whose refined, confident masks the student learns
+    self_margin: float = 0.15  # self_train: pixels whose foreground mass is this close to the threshold: ignored
 
 
 @dataclass
@@ -208,10 +211,11 @@ CHOICES = {
     "model.encoder_init": ("g", "imagenet"),
     "model.init_from_head": ("skip", "binary"),
     "classifier.train_layers": ("all", "head"),
-    "objective.preset": ("paper", "preserve_delete", "cam_pseudo"),
+    "objective.preset": ("paper", "preserve_delete", "cam_pseudo", "self_train"),
     "objective.cls_input": ("imagelet", "image"),
     "objective.mask_sampling": ("soft", "straight_through", "gumbel"),
     "objective.fill": ("blur", "shuffle"),
+    "objective.class_area_floor": ("hinge", "log"),
     "classifier.backbone": ("efficientnet_lite0",),
 }
 

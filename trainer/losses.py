@@ -321,23 +321,37 @@ def L_negative(M_fg: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None =
 def L_pseudo(Z: torch.Tensor, pseudo_labels: torch.Tensor, num_classes: int,
              valid: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the components against a label map (label c + 1 → component c, 0 → the first
-    background component C); padded pixels (`valid` False) are ignored."""
+    background component C); padded pixels (`valid` False) and label 255 (self-training's uncertain pixels)
+    are ignored; 0 when every pixel is."""
     target = torch.where(pseudo_labels > 0, pseudo_labels - 1, torch.full_like(pseudo_labels, num_classes))
+    ignored = pseudo_labels == 255
     if valid is not None:
-        target = torch.where(valid, target, torch.full_like(target, -100))  # F.cross_entropy's ignore_index
+        ignored = ignored | ~valid
+    target = torch.where(ignored, torch.full_like(target, -100), target)  # F.cross_entropy's ignore_index
+    if bool(ignored.all()):
+        return Z.sum() * 0.0
     return F.cross_entropy(Z, target)
 
 
 # ------------------------------------------------------------------ multi-class from scratch (issue 19)
-def L_class_area(M: torch.Tensor, y: torch.Tensor, a_min: float, a_max: float, absent_max: float = 0.0) -> torch.Tensor:
+def L_class_area(M: torch.Tensor, y: torch.Tensor, a_min: float, a_max: float, absent_max: float = 0.0,
+                 floor: str = "hinge") -> torch.Tensor:
     """Per-class area bounds tied to the tags (Pathak et al., "Constrained CNN", 2015; Stalder et al., NeurIPS
     2022): with a_c = mean_px M_c, a class the image is tagged with must cover between `a_min` and `a_max` of
     it, relu(a_min − a_c) + relu(a_c − a_max); an untagged class at most `absent_max` (0: nothing),
     relu(a_c − absent_max). Sum over the classes, mean over images (`objective.class_area_weight`, × λ_m).
     Unlike L_area (one prior on the whole foreground, which at K = C + 1 pushes every class component towards
-    0 at once) the floor keeps a tagged class's component alive from the first step on."""
+    0 at once) the floor keeps a tagged class's component alive. `floor` "log" (`objective.class_area_floor`)
+    makes the floor relu(log a_min − log a_c): through the softmax ∂a_c/∂Z_c shrinks with a_c, so a linear
+    floor stops pulling once a component is nearly empty; the log floor's pull, ∝ 1/a_c, does not fade."""
     C = y.shape[1]
     a = M[:, :C].mean(dim=(2, 3))
-    tagged = F.relu(a_min - a) + F.relu(a - a_max)
+    if floor == "log":
+        below = F.relu(math.log(a_min) - torch.log(a.clamp_min(EPS))) if a_min > 0 else torch.zeros_like(a)
+    elif floor == "hinge":
+        below = F.relu(a_min - a)
+    else:
+        raise ValueError(f"objective.class_area_floor must be hinge or log, got {floor!r}")
+    tagged = below + F.relu(a - a_max)
     untagged = F.relu(a - absent_max)
     return (y * tagged + (1 - y) * untagged).sum(dim=1).mean()

@@ -61,9 +61,10 @@ OPTIONAL_TERMS: tuple[OptionalTerm, ...] = (
     OptionalTerm("L_class_area", lambda cfg, step: cfg.lambda_m * cfg.class_area_weight,
                  lambda cfg, step: cfg.class_area_weight > 0,
                  lambda ctx: L_class_area(ctx["M"], ctx["y"], ctx["cfg"].class_area_min, ctx["cfg"].class_area_max,
-                                          ctx["cfg"].class_area_absent)),
+                                          ctx["cfg"].class_area_absent, ctx["cfg"].class_area_floor)),
     OptionalTerm("L_negative", lambda cfg, step: cfg.lambda_m * cfg.negative_weight,
-                 lambda cfg, step: cfg.negative_weight > 0, lambda ctx: L_negative(ctx["M_fg"], ctx["y"], ctx["valid"])),
+                 lambda cfg, step: cfg.negative_weight > 0,
+                 lambda ctx: L_negative(ctx["M_fg"], ctx["y"], ctx["valid"])),
     OptionalTerm("L_paste", lambda cfg, step: cfg.paste_weight, lambda cfg, step: cfg.paste_weight > 0,
                  lambda ctx: L_paste(ctx["segment"], ctx["I"], ctx["y"], ctx["M_classes"], ctx["C"], ctx["valid"]),
                  training=True),
@@ -157,10 +158,24 @@ OBJECTIVES = {"paper": paper_objective, "preserve_delete": preserve_delete_objec
               "cam_pseudo": cam_pseudo_objective}
 
 
+def self_train_objective(out: dict, targets: torch.Tensor, num_classes: int,
+                         valid: torch.Tensor | None = None) -> Terms:
+    """Self-training (trainer/selftrain.py): cross-entropy to the teacher's confident labels (255 ignored)."""
+    terms = {"L_pseudo": L_pseudo(out["mask_logits"], targets, num_classes, valid)}
+    terms["loss"] = terms["L_pseudo"]
+    return terms
+
+
 def objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Classifier, cfg: ObjectiveConfig,
               training: bool = True, segment: Callable[[torch.Tensor], dict] | None = None,
-              step: int | None = None, valid: torch.Tensor | None = None) -> Terms:
+              step: int | None = None, valid: torch.Tensor | None = None,
+              targets: torch.Tensor | None = None) -> Terms:
     """The preset's objective. Every preset takes the training `step` (None outside a training loop); only
     scheduled terms (preserve_delete's L_erase) read it. `valid`: batch["valid"] (B×H×W bool) of crop-mode
-    batches, the pixels that are image (None: all of them, the toy sets)."""
+    batches, the pixels that are image (None: all of them, the toy sets). `targets`: the teacher's labels of
+    the `self_train` preset (B×H×W, 255 = ignore)."""
+    if cfg.preset == "self_train":
+        if targets is None:
+            raise ValueError("objective.preset self_train needs the teacher's labels (targets=...)")
+        return self_train_objective(out, targets, y.shape[1], valid)
     return OBJECTIVES[cfg.preset](out, I, y, g, cfg, training, segment, step, valid)

@@ -19,6 +19,7 @@ from .loop import StageResult, StepMeter, start_stage
 from .model_uri import is_model_uri
 from .models import Segmenter, count_parameters
 from .objectives import objective
+from .selftrain import Teacher
 from .tracker import Tracker
 from .weights import build_segmenter, init_from_checkpoint, load_frozen_g, save_segmenter, segmenter_path
 
@@ -81,6 +82,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     rank, world, out = start_stage(cfg)
     classes = dataset_classes(cfg)
     model, g, init_tags = build_models(cfg, classes, lineage, out)
+    teacher = Teacher.load(cfg, len(classes))  # objective.preset self_train only
     ds_config = deepspeed_config(cfg, cfg.data.batch_size)
     unfreeze_step = encoder_unfreeze_step(cfg, model, ds_config)
     checkpoints = Checkpointer(out / "checkpoints", cfg.train.resume, cfg.train.checkpoint_every,
@@ -108,7 +110,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     for step in bar:
         if step == unfreeze_step:
             unfreeze_encoder(model, optimizer, cfg.train.lr)
-        record = meter.step(train_step(engine, g, cfg, batches, accum, step))  # means over ranks
+        record = meter.step(train_step(engine, g, cfg, batches, accum, step, teacher))  # means over ranks
         bar.set_postfix(loss=f"{record['train/loss']:.4f}", img_s=f"{record['train/images_per_s']:.1f}")
         if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
             tracker.log_metrics(record, step)
@@ -122,15 +124,18 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     return StageResult("segmenter", path, tracker.run_id, lineage)
 
 
-def train_step(engine, g, cfg: Config, batches: Iterator[dict], accum: int, step: int) -> dict[str, float]:
-    """One optimizer step over `accum` micro-batches (DeepSpeed steps on the last); the terms' means."""
+def train_step(engine, g, cfg: Config, batches: Iterator[dict], accum: int, step: int,
+               teacher: Teacher | None = None) -> dict[str, float]:
+    """One optimizer step over `accum` micro-batches (DeepSpeed steps on the last); the terms' means.
+    `teacher`: self-training's (trainer/selftrain.py), which labels each batch first."""
     sums: dict[str, float] = {}
     for _ in range(accum):
         batch = next(batches)
         images, labels = prepare_images(batch["image"], cfg), batch["labels"]
         valid = batch.get("valid")  # crop mode: the pixels that are image, not padding (None: all)
+        targets = None if teacher is None else teacher.pseudo_labels(images, labels)
         terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step,
-                          valid=None if valid is None else valid.to(images.device))
+                          valid=None if valid is None else valid.to(images.device), targets=targets)
         engine.backward(terms["loss"])
         engine.step()
         for name, value in terms.items():
