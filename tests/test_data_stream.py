@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from data_shards.loader import LoaderOptions, make_loader
+from data_shards.loader import LoaderOptions, as_float, make_loader
 from trainer.config import load_config
 from trainer.data import epoch_batches, resumable_batches, train_batches
 
@@ -33,7 +33,8 @@ def _same(got: list[dict], expected: list[dict]) -> None:
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert a["key"] == b["key"]
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
+        assert a["image"].dtype == torch.uint8  # the trainer's stream: uint8, made float by the training step
+        assert torch.equal(as_float(a["image"]), as_float(b["image"])) and torch.equal(a["labels"], b["labels"])
         assert torch.equal(a["padded"], b["padded"]) and "mask" not in a
 
 

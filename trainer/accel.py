@@ -21,8 +21,13 @@ def prepare_modules(cfg: Config, *modules: torch.nn.Module, zero_stage: int = 0)
             module.compile(dynamic=False)
 
 
-def prepare_images(images: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """A batch in the configured memory format (a no-op when it already is)."""
+def prepare_images(images: torch.Tensor, cfg: Config, device: torch.device | str | None = None) -> torch.Tensor:
+    """A batch on the engine's `device` (a uint8 batch is moved first and made float there: a quarter of the
+    bytes over PCIe) in the configured memory format (a no-op on the CPU and when it already is)."""
+    if device is not None and images.device != torch.device(device):
+        images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255.0)
     if not cfg.train.channels_last or images.dim() != 4:
         return images  # off: the batch is left exactly as it is (a contiguous copy would change the arithmetic)
     return images.contiguous(memory_format=torch.channels_last)

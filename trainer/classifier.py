@@ -51,6 +51,7 @@ def colour_augment(images: torch.Tensor, grayscale_p: float, channel_shuffle_p: 
     shuffle = (~gray) & (torch.rand(B, generator=generator) < channel_shuffle_p)
     perms = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
     chosen = perms[torch.randint(len(perms), (B,), generator=generator)]
+    gray, shuffle, chosen = gray.to(images.device), shuffle.to(images.device), chosen.to(images.device)
     out = images.clone()
     luma = (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
     out[gray] = luma[gray].expand(-1, 3, -1, -1)
@@ -118,17 +119,17 @@ def jtt_loss(logits: torch.Tensor, labels: torch.Tensor, keys: list[str], error_
     if not error_set:
         return F.binary_cross_entropy_with_logits(logits, labels)
     per_image = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1)
-    return (per_image * jtt_weights(keys, error_set, upweight)).mean() / mean_weight
+    return (per_image * jtt_weights(keys, error_set, upweight).to(per_image.device)).mean() / mean_weight
 
 
 def classifier_step(engine, batch: dict, cfg: Config, seed_key: tuple, error_set: frozenset[str] = frozenset(),
                     upweight: float = 1.0, mean_weight: float = 1.0) -> float:
     """One stage-1 micro-step: colour augmentation (seeded by `seed_key`), forward, JTT-weighted BCE,
     backward and DeepSpeed's step (which steps the optimizer at the end of an accumulation); the loss."""
-    images = colour_augment(prepare_images(batch["image"], cfg), cfg.classifier.grayscale_p,
+    images = colour_augment(prepare_images(batch["image"], cfg, engine.device), cfg.classifier.grayscale_p,
                             cfg.classifier.channel_shuffle_p, seed=hash(seed_key))
     logits = engine(images)
-    loss = jtt_loss(logits, batch["labels"], batch["key"], error_set, upweight, mean_weight)
+    loss = jtt_loss(logits, batch["labels"].to(logits.device), batch["key"], error_set, upweight, mean_weight)
     engine.backward(loss)
     engine.step()
     return loss.item()

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from data_shards.loader import LoaderOptions, ShardDataset, as_float, make_loader
+from data_shards.loader import LoaderOptions, ShardDataset, make_loader
 from data_shards.manifest import read_manifest
 
 from .config import Config
@@ -18,7 +18,8 @@ def dataset_classes(cfg: Config) -> list[str]:
 
 def loader_options(cfg: Config, *, train: bool, batch_size: int, seed: int = 0, epoch: int = 0) -> LoaderOptions:
     """The loader settings of `cfg.data` for one split: training (shuffled, flipped, cropped) or evaluation.
-    Training batches travel as uint8 and `train_batches` makes them float (the same values)."""
+    Training batches travel as uint8 (a quarter of float32's bytes through worker queues and to the GPU); the
+    training steps make them float on the engine's device (`accel.prepare_images`, the same values)."""
     data = cfg.data
     common = dict(image_size=data.image_size, batch_size=batch_size, num_workers=data.num_workers,
                   resize=data.resize, scale_range=(data.scale_min, data.scale_max), draft=data.jpeg_draft)
@@ -35,6 +36,7 @@ def train_dataset(cfg: Config, seed: int, batch_size: int, epoch: int = 0) -> Sh
 
 def train_batches(cfg: Config, seed: int, batch_size: int | None = None, start_epoch: int = 0) -> Iterator[dict]:
     """Training batches forever, epoch after epoch; each epoch reshuffles shards and samples by (seed, epoch).
+    batch["image"] is uint8 (`data_shards.loader.as_float` or `accel.prepare_images` make it float).
     One DataLoader (its workers persist) serves every epoch; the dataset's set_epoch moves it on."""
     batch_size = batch_size or cfg.data.batch_size
     loader = make_loader(cfg.data.url, "train", loader_options(cfg, train=True, batch_size=batch_size, seed=seed,
@@ -45,7 +47,6 @@ def train_batches(cfg: Config, seed: int, batch_size: int | None = None, start_e
         count = 0
         for batch in loader:
             count += 1
-            batch["image"] = as_float(batch["image"])  # uint8 from the loader (a quarter of the bytes)
             yield batch
         if count == 0:
             raise ValueError(f"split 'train' of {cfg.data.url} yields no batch of {batch_size}"

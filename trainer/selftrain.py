@@ -52,6 +52,11 @@ class Teacher:
             p.requires_grad_(False)
         return cls(model, g, PredictSettings.of(cfg.eval), cfg.objective, cfg.objective.self_margin)
 
+    def to(self, device) -> "Teacher":
+        self.model.to(device)
+        self.g.to(device)
+        return self
+
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
         return confident_labels(predict_masks(self.model, images, self.settings, self.g, self.objective),

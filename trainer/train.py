@@ -88,6 +88,9 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     checkpoints = Checkpointer(out / "checkpoints", cfg.train.resume, cfg.train.checkpoint_every,
                                cfg.train.keep_last, cfg.train.seed, ds_config)
     engine, optimizer = make_engine(model, cfg.train.lr, ds_config, zero3_shared_master=cfg.train.zero3_shared_master)
+    g.to(engine.device)  # outside the engine, so not moved by it (a no-op on the CPU)
+    if teacher is not None:
+        teacher.to(engine.device)
     prepare_modules(cfg, model, g, zero_stage=zero_stage(ds_config))  # channels-last / compile (trainer/accel.py)
     if checkpoints.resume_from and 0 <= unfreeze_step < checkpoints.resume_from.step:
         unfreeze_encoder(model, optimizer, cfg.train.lr)  # the saved optimizer state has that group
@@ -131,7 +134,8 @@ def train_step(engine, g, cfg: Config, batches: Iterator[dict], accum: int, step
     sums: dict[str, float] = {}
     for _ in range(accum):
         batch = next(batches)
-        images, labels = prepare_images(batch["image"], cfg), batch["labels"]
+        images = prepare_images(batch["image"], cfg, engine.device)
+        labels = batch["labels"].to(images.device, non_blocking=True)
         valid = batch.get("valid")  # crop mode: the pixels that are image, not padding (None: all)
         targets = None if teacher is None else teacher.pseudo_labels(images, labels)
         terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step,
