@@ -12,14 +12,31 @@ from .manifest import read_manifest, url_sizes
 
 
 def _toy(args: argparse.Namespace) -> None:
+    if args.only:
+        _toy_only(args)
+        return
+    paired = {} if args.data_command == "toy-multi" else {"paired": args.paired}
     if args.data_command == "toy-multi":
         from .toy_multi import build_toy_multi as build
     else:
         from .toy_birds import build_toy_birds as build
 
     counts = {"train": args.train, "val": args.val, "test_aligned": args.test, "test_conflict": args.test}
-    path = build(args.out, seed=args.seed, size=args.size, rho=args.rho, counts=counts,
-                 cache_dir=args.cache_dir, maxcount=args.maxcount)
+    path = build(args.out, seed=args.seed, size=args.size or 96, rho=args.rho, counts=counts,
+                 cache_dir=args.cache_dir, maxcount=args.maxcount, **paired)
+    print(f"wrote {args.data_command} to {path}")
+    _print_manifest(path)
+
+
+def _toy_only(args: argparse.Namespace) -> None:
+    """`--only test_paired`: add the paired split to an existing toy-birds build (manifest replaced last)."""
+    from .toy_birds import PAIRED_SPLIT, add_paired_split
+
+    if args.data_command != "toy-birds" or args.only != PAIRED_SPLIT:
+        raise DataError(f"--only {args.only} is not supported for {args.data_command}: only `wsssrec data "
+                        f"toy-birds --only {PAIRED_SPLIT}` adds a split to an existing build (rebuild for others)")
+    path = add_paired_split(args.out, seed=args.seed, size=args.size, pairs=args.paired,
+                            cache_dir=args.cache_dir, maxcount=args.maxcount)
     print(f"wrote {args.data_command} to {path}")
     _print_manifest(path)
 
@@ -99,11 +116,21 @@ def register(subparsers) -> argparse.ArgumentParser:
         toy = commands.add_parser(name, help=f"build {what} (fetches Debian packages)")
         toy.add_argument("--out", required=True, help="output folder or s3:// prefix for shards and manifest.json")
         toy.add_argument("--seed", type=int, default=0)
-        toy.add_argument("--size", type=int, default=96, help="image side in pixels")
+        toy.add_argument("--size", type=int, default=None,
+                         help="image side in pixels (default 96; with --only, the data set's own size)")
         toy.add_argument("--rho", type=float, default=0.9, help=rho_help)
         toy.add_argument("--train", type=int, default=2000, help="train samples")
         toy.add_argument("--val", type=int, default=200, help="val samples")
         toy.add_argument("--test", type=int, default=300, help="samples in each of test_aligned, test_conflict")
+        if name == "toy-birds":
+            toy.add_argument("--paired", type=int, default=200,
+                             help="pairs in test_paired (each test layout on a water and on a land background; "
+                                  "the same pairs for every --rho); 0: no paired split")
+            toy.add_argument("--only", metavar="SPLIT", default=None,
+                             help="add only this split to the existing data set at --out (test_paired: its "
+                                  "shards, then the manifest in one atomic write; other splits untouched)")
+        else:
+            toy.set_defaults(paired=None, only=None)
         toy.add_argument("--cache-dir", default=None,
                          help="Debian package cache (default $WSSSREC_CACHE/debian or ~/.cache/wsssrec/debian)")
         toy.add_argument("--maxcount", type=int, default=250,

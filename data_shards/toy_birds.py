@@ -7,6 +7,7 @@ deterministic: the same seed gives byte-identical shards and manifest.
 from __future__ import annotations
 
 import glob
+import io
 import os
 import subprocess
 from dataclasses import dataclass
@@ -16,13 +17,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import DataError
-from .manifest import write_manifest
+from .manifest import SplitInfo, read_manifest, relative_name, url_dirname, write_manifest
 from .writer import ShardWriter, encode_jpeg, encode_mask_png, make_sample
 
 CLASSES = ["bird"]
 SPLITS = ("train", "val", "test_aligned", "test_conflict")
 SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 DEFAULT_COUNTS = {"train": 2000, "val": 200, "test_aligned": 300, "test_conflict": 300}
+# The paired evaluation split (write_paired_split): each test layout once on water, once on land.
+PAIRED_SPLIT = "test_paired"
+PAIR_GROUPS = ("water", "land")
+DEFAULT_PAIRS = 200
+PAIRED_STREAM = 1 << 16  # its RNG stream id, apart from SPLIT_IDS
 
 # Debian package -> a folder (under usr/share) it provides; a package is fetched only when it is missing.
 PACKAGES = {
@@ -290,15 +296,16 @@ def paste_distractors(rng: np.random.Generator, canvas: np.ndarray, distractors:
     return used
 
 
-def compose(rng: np.random.Generator, size: int, photo: Photo, region: str, bird: Cutout | None,
-            distractors: list[Cutout]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One composite: (RGB uint8 image, uint8 mask, metadata)."""
-    canvas, crop_box = background_crop(rng, size, photo, region)
+def paste_objects(rng: np.random.Generator, canvas: np.ndarray, bird: Cutout | None,
+                  distractors: list[Cutout]) -> tuple[np.ndarray, list | None, list[str]]:
+    """The distractors, then the bird (pasted last, so nothing covers it and its mask is exact), on `canvas`:
+    (uint8 mask, bird box or None, distractor names). The draws depend on the canvas size only, never on its
+    pixels, so the same RNG state lays out the same objects on any background (the paired split)."""
+    size = canvas.shape[0]
     used = paste_distractors(rng, canvas, distractors)
-
     mask = np.zeros((size, size), np.uint8)
     bird_box = None
-    if bird is not None:  # pasted last, so nothing covers it and its mask is exact
+    if bird is not None:
         flip = bool(rng.integers(2))
         pixels = _resized(bird, round(rng.uniform(*BIRD_RANGE) * size), flip)
         h, w = pixels.shape[:2]
@@ -306,6 +313,16 @@ def compose(rng: np.random.Generator, size: int, photo: Photo, region: str, bird
         y = int(rng.integers(-int(BIRD_OUTSIDE * h), size - h + int(BIRD_OUTSIDE * h) + 1))
         mask = bird_mask(_paste(canvas, pixels, x, y))
         bird_box = [x, y, x + w, y + h]
+    return mask, bird_box, used
+
+
+def compose(rng: np.random.Generator, size: int, photo: Photo, region: str, bird: Cutout | None,
+            distractors: list[Cutout], objects_rng: np.random.Generator | None = None
+            ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One composite: (RGB uint8 image, uint8 mask, metadata). The objects are laid out by `objects_rng`
+    (default: `rng`, after the crop), so two calls with equal `objects_rng` states paste identical objects."""
+    canvas, crop_box = background_crop(rng, size, photo, region)
+    mask, bird_box, used = paste_objects(rng if objects_rng is None else objects_rng, canvas, bird, distractors)
 
     image = np.clip(np.round(canvas * 255.0), 0, 255).astype(np.uint8)
     meta = {
@@ -336,6 +353,53 @@ def check_build_args(name: str, size, rho, counts: dict[str, int] | None,
     return counts
 
 
+def _paired_plan(pairs: int, seed: int) -> list[bool]:
+    """Has bird, per pair: exactly half the pairs (rounded down) hold a bird, in a seeded order."""
+    plan = [True] * (pairs // 2) + [False] * (pairs - pairs // 2)
+    order = np.random.default_rng([seed, PAIRED_STREAM, 1 << 20]).permutation(pairs)
+    return [plan[i] for i in order]
+
+
+def write_paired_split(out_dir: str, pairs: int, seed: int, size: int, test_birds: list[Cutout],
+                       distractors: list[Cutout], photos: list[Photo], maxcount: int = 250,
+                       progress: bool = True) -> SplitInfo:
+    """The split `test_paired`: `pairs` pairs of composites, each pair one object layout (the same test bird
+    cut-out, scale, flip and position, the same distractors in the same places; or only the distractors for a
+    negative pair) pasted once on a water and once on a land photo, both cropped from their photo's test
+    region (never seen in training). Samples 2i (water) and 2i + 1 (land) are pair i; their metadata carry
+    `pair` (i) and `group` ("water" / "land"), and their masks are identical.
+
+    Every draw comes from RNG streams keyed by (seed, PAIRED_STREAM, pair), apart from every other split's:
+    the other splits' bytes do not depend on this one, and ρ plays no part, so data sets built with any ρ (and
+    the same seed and size) hold the same pairs. Birds are taken in turn, so each test bird appears equally
+    often (± 1)."""
+    by_group = {g: [p for p in photos if p.group == g] for g in PAIR_GROUPS}
+    positives = 0
+    with ShardWriter(out_dir, PAIRED_SPLIT, maxcount) as writer:
+        plan = _paired_plan(pairs, seed)
+        for pair, positive in enumerate(tqdm(plan, desc=f"toy-birds {PAIRED_SPLIT}", disable=not progress)):
+            rng = np.random.default_rng([seed, PAIRED_STREAM, pair])
+            bird = test_birds[positives % len(test_birds)] if positive else None
+            positives += int(positive)
+            chosen = {g: by_group[g][int(rng.integers(len(by_group[g])))] for g in PAIR_GROUPS}
+            for k, group in enumerate(PAIR_GROUPS):
+                crop_rng = np.random.default_rng([seed, PAIRED_STREAM, pair, 2 + k])
+                objects_rng = np.random.default_rng([seed, PAIRED_STREAM, pair, 1])  # the same for both
+                image, mask, meta = compose(crop_rng, size, chosen[group], "test", bird, distractors, objects_rng)
+                meta.update(pair=pair, group=group)
+                writer.write(make_sample(f"{PAIRED_SPLIT}-{2 * pair + k:06d}", encode_jpeg(image, JPEG_QUALITY),
+                                         meta, encode_mask_png(mask)))
+        info = writer.close()
+    info.has_masks = True  # also when empty
+    return info
+
+
+def _check_pairs(pairs) -> int:
+    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 0:
+        raise DataError(f"toy-birds paired split: the number of pairs must be an integer >= 0, got {pairs!r}")
+    return pairs
+
+
 def build_toy_birds(
     out_dir: str,
     *,
@@ -343,12 +407,16 @@ def build_toy_birds(
     size: int = 96,
     rho: float = 0.9,
     counts: dict[str, int] | None = None,
+    paired: int = DEFAULT_PAIRS,
     cache_dir: str | None = None,
     maxcount: int = 250,
     progress: bool = True,
 ) -> str:
-    """Build toy-birds into `out_dir` (shards, then manifest.json); returns the manifest path."""
+    """Build toy-birds into `out_dir` (shards, then manifest.json); returns the manifest path. `paired` pairs
+    (0: none) make the split `test_paired` (`write_paired_split`), written after the others and drawn from
+    its own RNG streams, so the other splits are byte-identical with or without it."""
     counts = check_build_args("toy-birds", size, rho, counts, DEFAULT_COUNTS)
+    _check_pairs(paired)
     share = fetch_sources(cache_dir)
     train_birds, test_birds, distractors = load_cutouts(share, size)
     photos = load_photos(share, size)
@@ -371,4 +439,44 @@ def build_toy_birds(
             splits[split] = writer.close()
         if split != "train":
             splits[split].has_masks = True  # also for an empty evaluation split
+    if paired:
+        splits[PAIRED_SPLIT] = write_paired_split(out_dir, paired, seed, size, test_birds, distractors, photos,
+                                                  maxcount, progress)
     return write_manifest(out_dir, CLASSES, splits)
+
+
+def add_paired_split(out_dir: str, *, seed: int = 0, size: int | None = None, pairs: int = DEFAULT_PAIRS,
+                     cache_dir: str | None = None, maxcount: int = 250, progress: bool = True) -> str:
+    """Add `test_paired` to a toy-birds data set built without it (by an older builder, or with paired=0):
+    its shards are written beside the others, then manifest.json is replaced in one atomic write with the
+    old splits' entries unchanged. Nothing else is touched, so runs reading the data set meanwhile see either
+    the old manifest or the new one. `size` defaults to the data set's own image size (read from a sample);
+    the pairs are those of a full build with the same seed and size, whatever ρ the data set was built with.
+    Returns the manifest URL."""
+    from .loader import raw_samples
+
+    _check_pairs(pairs)
+    base = out_dir if "://" in out_dir else os.path.abspath(out_dir)
+    manifest = read_manifest(base)
+    if manifest.classes != CLASSES:
+        raise DataError(f"{manifest.url} has classes {manifest.classes}, not {CLASSES}: not a toy-birds data set")
+    if PAIRED_SPLIT in manifest.splits:
+        raise DataError(f"{manifest.url} already has split {PAIRED_SPLIT!r} "
+                        f"({manifest.splits[PAIRED_SPLIT].samples} samples); nothing to add")
+    first = next((info.shards[0] for info in manifest.splits.values() if info.shards), None)
+    if first is None:
+        raise DataError(f"{manifest.url} lists no shard to read the image size from; pass the size")
+    with Image.open(io.BytesIO(next(iter(raw_samples(first)))["jpg"])) as image:
+        own_size = image.size[0]
+    size = own_size if size is None else size
+    if size != own_size:
+        raise DataError(f"{manifest.url} holds {own_size} px images; the paired split would be {size} px "
+                        f"(pass size {own_size} or leave it out)")
+    share = fetch_sources(cache_dir)
+    _, test_birds, distractors = load_cutouts(share, size)
+    folder = url_dirname(manifest.url)
+    info = write_paired_split(folder, pairs, seed, size, test_birds, distractors, load_photos(share, size),
+                              maxcount, progress)
+    splits = {name: SplitInfo([relative_name(s, folder) for s in old.shards], old.samples, old.has_masks,
+                              old.shard_samples) for name, old in manifest.splits.items()}
+    return write_manifest(folder, manifest.classes, {**splits, PAIRED_SPLIT: info})

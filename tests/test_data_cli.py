@@ -30,7 +30,7 @@ def test_ls_shows_classes_splits_and_sizes(toy_dataset):
 
 def test_toy_birds_command_is_deterministic(tmp_path, toy_dataset):
     args = ["toy-birds", "--seed", "0", "--size", "64", "--train", "96", "--val", "32", "--test", "32",
-            "--maxcount", "32"]
+            "--maxcount", "32", "--paired", "0"]
     result = _cli(*args, "--out", str(tmp_path / "toy"))
     assert result.returncode == 0, result.stderr
     assert f"wrote toy-birds to {tmp_path / 'toy' / 'manifest.json'}" in result.stdout

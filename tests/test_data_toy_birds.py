@@ -1,13 +1,21 @@
-"""toy-birds: determinism, disjoint instances and photo regions, bias rates, masks and bird sizes."""
+"""toy-birds: determinism, disjoint instances and photo regions, bias rates, masks and bird sizes; the paired
+split test_paired (identical layouts on water and land, independent of ρ and of the other splits' bytes, added
+to an existing build)."""
+import io
+import json
 import os
+import shutil
 from collections import defaultdict
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import TOY_ARGS, folder_bytes, split_samples
+from data_shards.errors import DataError
 from data_shards.manifest import read_manifest
-from data_shards.toy_birds import BIRD_RANGE, EXCLUDED_BIRDS, TEST_BIRDS, bird_mask, build_toy_birds
+from data_shards.toy_birds import (BACKGROUNDS, BIRD_RANGE, EXCLUDED_BIRDS, TEST_BIRDS, add_paired_split, bird_mask,
+                                   build_toy_birds)
 
 SIZE = TOY_ARGS["size"]
 
@@ -150,3 +158,116 @@ def test_missing_apt_gives_an_actionable_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"could not fetch Debian package tuxpaint-stamps-default .*apt-get is not "
                                         r"installed(.|\n)*pass --cache-dir"):
         fetch_sources(str(tmp_path / "cache"))
+
+
+# ---- the paired split test_paired ----
+
+PAIRS = 6
+SMALL = dict(seed=0, size=64, maxcount=32, counts={"train": 2, "val": 2, "test_aligned": 2, "test_conflict": 2})
+
+
+@pytest.fixture(scope="module")
+def paired_build(tmp_path_factory):
+    """toy-birds with TOY_ARGS' splits plus test_paired (PAIRS pairs)."""
+    return build_toy_birds(str(tmp_path_factory.mktemp("paired")), progress=False, **{**TOY_ARGS, "paired": PAIRS})
+
+
+def _manifest_doc(path: str) -> dict:
+    return json.loads(open(path, "rb").read())
+
+
+def test_other_splits_are_byte_identical_with_and_without_the_paired_split(toy_dataset, paired_build):
+    without, with_paired = folder_bytes(toy_dataset), folder_bytes(paired_build)
+    assert sorted(set(with_paired) - set(without)) == ["test_paired-00000.tar"]  # 12 samples, 32 per shard
+    for name in without:
+        if name != "manifest.json":
+            assert with_paired[name] == without[name], name
+    old, new = _manifest_doc(toy_dataset)["splits"], _manifest_doc(paired_build)["splits"]
+    assert list(new) == [*old, "test_paired"]
+    assert {name: new[name] for name in old} == old
+    assert new["test_paired"] == {"shards": ["test_paired-00000.tar"], "samples": 2 * PAIRS, "has_masks": True,
+                                  "shard_samples": [2 * PAIRS]}
+
+
+def test_paired_geometry_identical_masks_and_layouts_on_water_and_land(paired_build):
+    rows = split_samples(paired_build)["test_paired"]
+    assert len(rows) == 2 * PAIRS
+    photos = {name.split("/")[1]: group for name, (group, _) in BACKGROUNDS.items()}
+    positives = 0
+    for pair in range(PAIRS):
+        (water, water_mask), (land, land_mask) = rows[2 * pair], rows[2 * pair + 1]
+        assert (water["pair"], water["group"], land["pair"], land["group"]) == (pair, "water", pair, "land")
+        assert photos[water["background_photo"]] == water["background"] == "water"
+        assert photos[land["background_photo"]] == land["background"] == "land"
+        assert water["region"] == land["region"] == "test"  # the photos' test regions: never in training
+        for key in ("labels", "bird", "bird_box", "distractors"):
+            assert water[key] == land[key], (pair, key)
+        assert np.array_equal(water_mask, land_mask), pair
+        if water["labels"]:
+            positives += 1
+            assert water["bird"] in TEST_BIRDS and (water_mask == 1).sum() > 0
+        else:
+            assert water["bird"] is None and not water_mask.any()
+    assert positives == PAIRS // 2
+
+
+def test_paired_images_share_the_bird_and_differ_behind_it(paired_build):
+    from data_shards.loader import raw_samples
+
+    shard = read_manifest(paired_build).split("test_paired").shards[0]
+    raws = list(raw_samples(shard))
+    images = [np.asarray(Image.open(io.BytesIO(raw["jpg"]))).astype(int) for raw in raws]
+    masks = [np.asarray(Image.open(io.BytesIO(raw["mask.png"]))) for raw in raws]
+    for pair in range(PAIRS):
+        water, land, mask = images[2 * pair], images[2 * pair + 1], masks[2 * pair]
+        bird = mask == 1
+        inner = bird.copy()  # two pixels in from the bird's edge: JPEG blocks there may mix in the background
+        for axis in (0, 1):
+            for shift in (-2, -1, 1, 2):
+                inner &= np.roll(bird, shift, axis=axis)
+        if inner.any():
+            assert np.abs(water - land)[inner].mean() < 12, pair  # the same opaque bird pixels
+        assert np.abs(water - land)[mask == 0].mean() > 20, pair  # different photos behind
+
+
+def test_paired_split_does_not_depend_on_rho_and_is_added_to_an_existing_build(paired_build, toy_dataset, tmp_path):
+    reference = folder_bytes(paired_build)["test_paired-00000.tar"]
+    other_rho = build_toy_birds(str(tmp_path / "rho05"), progress=False, rho=0.5, paired=PAIRS, **SMALL)
+    assert folder_bytes(other_rho)["test_paired-00000.tar"] == reference
+
+    copy = tmp_path / "old"  # a build without the paired split, as the builder before it wrote them
+    shutil.copytree(os.path.dirname(toy_dataset), copy)
+    before = folder_bytes(str(copy / "manifest.json"))
+    path = add_paired_split(str(copy), seed=0, pairs=PAIRS, maxcount=32, progress=False)  # size read: 64
+    after = folder_bytes(path)
+    assert after["test_paired-00000.tar"] == reference
+    assert {n: b for n, b in after.items() if n != "manifest.json" and not n.startswith("test_paired")} == \
+        {n: b for n, b in before.items() if n != "manifest.json"}
+    assert after["manifest.json"] == folder_bytes(paired_build)["manifest.json"]  # = a full build's, byte for byte
+    with pytest.raises(DataError, match=r"already has split 'test_paired' \(12 samples\); nothing to add"):
+        add_paired_split(str(copy), pairs=PAIRS, progress=False)
+    shutil.rmtree(copy)
+    shutil.copytree(os.path.dirname(toy_dataset), copy)
+    with pytest.raises(DataError, match=r"holds 64 px images; the paired split would be 96 px"):
+        add_paired_split(str(copy), size=96, pairs=PAIRS, progress=False)
+    assert "test_paired" not in read_manifest(str(copy)).splits and not list(copy.glob("test_paired*"))
+
+
+def test_data_command_only_test_paired_adds_the_split(toy_dataset, paired_build, tmp_path, capsys):
+    from data_shards.cli import main
+
+    copy = tmp_path / "old"
+    shutil.copytree(os.path.dirname(toy_dataset), copy)
+    assert main(["data", "toy-birds", "--out", str(copy), "--only", "test_paired", "--paired", str(PAIRS),
+                 "--maxcount", "32"]) == 0
+    assert "test_paired" in capsys.readouterr().out
+    assert folder_bytes(str(copy / "manifest.json")) == folder_bytes(paired_build)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "toy-birds", "--out", str(copy), "--only", "val"])
+    assert exit_info.value.code == 2
+    assert "--only val is not supported for toy-birds" in capsys.readouterr().err
+
+
+def test_paired_count_is_checked():
+    with pytest.raises(DataError, match=r"number of pairs must be an integer >= 0, got -1"):
+        build_toy_birds("/nonexistent", paired=-1)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .accel import prepare_images, prepare_modules
 from .checkpoint import Checkpointer
 from .config import ClassifierConfig, Config
-from .data import dataset_classes, epoch_batches, eval_batches, resumable_batches
+from .data import dataset_classes, epoch_batches, eval_batches, eval_splits, resumable_batches
 from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
 from .engine import deepspeed_config, make_engine, zero_stage
 from .files import atomic_torch_save, stage_run_name, write_json
@@ -231,7 +231,7 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> StageResu
                                                      "world_size": world})
         g = load_classifier(path, len(classes))  # a plain module: the engine's may hold only a ZeRO-3 shard
         metrics = {}
-        for split in cfg.eval.splits:
+        for split in eval_splits(cfg):
             for key, value in classifier_accuracy(g, cfg, split).items():
                 metrics[f"{split}/g_{key}"] = value
         tracker.log_metrics(metrics, state.step)

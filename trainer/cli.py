@@ -132,7 +132,7 @@ def ensure_toy_data(cfg) -> None:
     print(f"building toy-birds in {out_dir}")
     build_toy_birds(str(out_dir), seed=cfg.toy.seed, size=cfg.toy.size, rho=cfg.toy.rho,
                     counts={"train": cfg.toy.train, "val": cfg.toy.val, "test_aligned": cfg.toy.test,
-                            "test_conflict": cfg.toy.test})
+                            "test_conflict": cfg.toy.test}, paired=cfg.toy.paired)
 
 
 def demo_stages(cfg, parent, registers: bool, retrain_classifier: bool):
@@ -223,8 +223,9 @@ def cmd_sync_metrics(args) -> None:
 def cmd_report(args) -> None:
     from .report import main as report_main
 
-    report_main([args.runs_dir, *(["--order", *args.order] if args.order else []),
-                 *(["--baselines-from", args.baselines_from] if args.baselines_from else [])])
+    report_main([*args.runs_dir, *(["--order", *args.order] if args.order else []),
+                 *(["--baselines-from", args.baselines_from] if args.baselines_from else []),
+                 *(["--control", args.control] if args.control else []), "--paired-split", args.paired_split])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,9 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="<run dir>/mlflow/<run>.pending.json")
     p.set_defaults(func=cmd_sync_metrics)
     p = sub.add_parser("report", help="one table (mean ± std over seeds) over evaluated runs in a folder")
-    p.add_argument("runs_dir")
+    p.add_argument("runs_dir", nargs="+", help="folder(s) holding <name>-seed<S>/eval/results.json")
     p.add_argument("--order", nargs="*", help="setting names in table order")
     p.add_argument("--baselines-from", help="setting whose runs give the CAM and trivial rows")
+    p.add_argument("--control", help="setting trained without bias (ρ = 0.5): the bias tax of every other setting "
+                                     "on the paired split")
+    p.add_argument("--paired-split", default="test_paired", help="the paired evaluation split")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -57,6 +57,7 @@ class ToyConfig:
     train: int = 2000
     val: int = 200
     test: int = 300
+    paired: int = 200  # pairs in test_paired (one layout on water and on land; data_shards/toy_birds.py); 0: none
 
 
 @dataclass
@@ -159,6 +160,8 @@ class TrainConfig:
 class EvalConfig:
     splits: list = field(default_factory=lambda: ["val", "test_aligned", "test_conflict"])
     cam_split: str = "val"  # split on which the CAM threshold is chosen
+    # splits of `splits` a data set built before they existed may lack: skipped with a warning (trainer/data.py)
+    optional_splits: list = field(default_factory=lambda: ["test_paired"])
     grid_images: int = 8
     fg_threshold: float = 0.5  # method: foreground where Σ_{class k} M_k > this (0.5 = argmax for K = 2)
     fg_threshold_from_val: bool = False  # choose fg_threshold on cam_split by mIoU, as for CAM

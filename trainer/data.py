@@ -2,6 +2,7 @@
 (resumable at any data position), and one ordered pass over an evaluation split."""
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import torch
@@ -10,6 +11,8 @@ from data_shards.loader import LoaderOptions, ShardDataset, make_loader
 from data_shards.manifest import read_manifest
 
 from .config import Config
+
+log = logging.getLogger(__name__)
 
 
 def dataset_classes(cfg: Config) -> list[str]:
@@ -59,6 +62,18 @@ def eval_batches(cfg: Config, split: str) -> Iterator[dict]:
     batches are padded (mask 255) and batch["size"] holds each image's height and width."""
     return iter(make_loader(cfg.data.url, split, loader_options(cfg, train=False,
                                                                 batch_size=cfg.data.eval_batch_size)))
+
+
+def eval_splits(cfg: Config) -> list[str]:
+    """`eval.splits` less those of `eval.optional_splits` that the data set does not have (built before they
+    existed), each named in a warning with how to add it; any other missing split stays an error later."""
+    present = read_manifest(cfg.data.url).splits
+    missing = [s for s in cfg.eval.splits if s not in present and s in cfg.eval.optional_splits]
+    for split in missing:
+        log.warning("split %r of eval.splits is not in %s (built before it existed): skipped; "
+                    "`wsssrec data toy-birds --out FOLDER --only test_paired` adds test_paired to a toy-birds "
+                    "build", split, cfg.data.url)
+    return [s for s in cfg.eval.splits if s not in missing]
 
 
 def split_has_masks(cfg: Config, split: str) -> bool:

@@ -1,5 +1,6 @@
 """The reporting half of `wsssrec eval`: one split's scores as a result record (g's accuracy, every
-prediction kind's summary, per class and per bias group for C > 1, confusion matrices and the picture grid),
+prediction kind's summary with its boundary F, per class and per bias group for C > 1, on a paired split the
+groups, the paired gap and the worst group, confusion matrices and the picture grid),
 its metrics logged to MLflow, and at the end results.json, results.md and the table the CLI prints."""
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from .viz import save_grid
 def split_result(cfg: Config, split: str, classes: list[str], scored, g, model, out: Path, tracker: Tracker) -> dict:
     """The result record of one split (`scored`: evaluate.SplitScores); its metrics go to MLflow."""
     methods = list(scored.meters)
-    result = {"g": classifier_accuracy(g, cfg, split), "methods": {m: scored.meters[m].summary() for m in methods}}
+    result = {"g": classifier_accuracy(g, cfg, split), "methods": method_summaries(scored)}
+    if scored.pairs:  # a paired split: per group, the paired gap, the worst group (trainer/paired.py)
+        result["paired"] = {m: scored.pairs[m].summary() for m in methods if m in scored.pairs}
     if model is not None:
         result["mean_fg_area"] = {k: float(np.mean(v)) if v else float("nan") for k, v in scored.areas.items()}
     if len(classes) > 1:
@@ -41,8 +44,18 @@ def split_result(cfg: Config, split: str, classes: list[str], scored, g, model, 
     return result
 
 
+def method_summaries(scored) -> dict[str, dict[str, float]]:
+    """Each prediction kind's summary: the meter's (IoU, mIoU, negative FP area) and its boundary F."""
+    return {m: {**meter.summary(), **(scored.boundary[m].summary() if m in scored.boundary else {})}
+            for m, meter in scored.meters.items()}
+
+
+PAIRED_METRICS = ("paired_gap", "pair_gap_mean", "pair_fp_gap", "boundary_f_gap", "worst_group_miou")
+
+
 def split_metrics(split: str, result: dict) -> dict[str, float]:
-    """The MLflow metrics of one split: g's accuracy, each kind's summary, per-class IoU, bias groups' mIoU."""
+    """The MLflow metrics of one split: g's accuracy, each kind's summary (boundary F included), per-class IoU,
+    bias groups' mIoU, and on a paired split each group's mIoU and boundary F, the gaps and the worst group."""
     flat = {f"{split}/g_{k}": v for k, v in result["g"].items()}
     for m, summary in result["methods"].items():
         flat.update({f"{split}/{m}/{k}": v for k, v in summary.items() if np.isfinite(v)})
@@ -52,6 +65,10 @@ def split_metrics(split: str, result: dict) -> dict[str, float]:
             flat[f"{split}/{m}/worst_class_iou"] = report["worst_class_iou"]
     for m, by_group in result.get("bias_groups", {}).items():
         flat.update({f"{split}/{m}/{group}/miou": s["miou"] for group, s in by_group.items() if np.isfinite(s["miou"])})
+    for m, paired in result.get("paired", {}).items():
+        for group, s in paired.get("groups", {}).items():
+            flat.update({f"{split}/{m}/{group}/{k}": s[k] for k in ("miou", "boundary_f") if np.isfinite(s[k])})
+        flat.update({f"{split}/{m}/{k}": paired[k] for k in PAIRED_METRICS if k in paired and np.isfinite(paired[k])})
     return flat
 
 
@@ -80,16 +97,45 @@ def _gate_warning(results: dict) -> None:
             print(msg)
 
 
+def _num(value) -> str:
+    return f"{value:.3f}" if value is not None and np.isfinite(value) else "–"
+
+
 def results_table(results: dict) -> str:
+    """Markdown: per split and prediction kind g's accuracy, IoU, boundary F at 2 px, mIoU, negative FP area;
+    then, for a paired split, the paired table (`paired_table`)."""
     fg_name = f"{results['classes'][0]} IoU" if len(results["classes"]) == 1 else "mean fg IoU"
-    lines = [f"| split | method | g acc | {fg_name} | bg IoU | mIoU | neg FP area |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| split | method | g acc | {fg_name} | boundary F | bg IoU | mIoU | neg FP area |",
+             "|---|---|---|---|---|---|---|---|"]
     for split, res in results["splits"].items():
         for method, s in res["methods"].items():
             fg = np.nanmean([v for k, v in s.items() if k.startswith("iou_")])
-            lines.append(f"| {split} | {method} | {res['g']['accuracy']:.3f} | {fg:.3f} | {s['background_iou']:.3f}"
-                         f" | {s['miou']:.3f} | {s['negative_fp_area']:.3f} |")
+            lines.append(f"| {split} | {method} | {res['g']['accuracy']:.3f} | {fg:.3f} | {_num(s.get('boundary_f'))}"
+                         f" | {s['background_iou']:.3f} | {s['miou']:.3f} | {s['negative_fp_area']:.3f} |")
     cam = results.get("cam_thresholds") or results["cam_threshold"]  # one per class when C > 1
     lines.append(f"\nCAM threshold {cam} (chosen on {results['cam_threshold_split']}); "
                  f"method foreground threshold {results.get('fg_threshold', 0.5)}, preserve gate threshold "
-                 f"{results.get('gate_threshold', 0.0)} (0: off).")
-    return "\n".join(lines) + "\n"
+                 f"{results.get('gate_threshold', 0.0)} (0: off). Boundary F: DAVIS F measure at a 2-pixel "
+                 "tolerance, mean over positive images.")
+    paired = paired_table(results)
+    return "\n".join(lines) + "\n" + ("\n" + paired if paired else "")
+
+
+def paired_table(results: dict) -> str:
+    """Markdown: per paired split and prediction kind, each group's mIoU and boundary F, the paired gap (pooled
+    group mIoUs), the mean ± std of the per-pair mIoU differences, and the worst group ('' without one)."""
+    lines = []
+    for split, res in results["splits"].items():
+        for method, p in res.get("paired", {}).items():
+            if not p:
+                continue
+            a, b = p["gap"]
+            if not lines:
+                lines = [(f"| split | method | {a} mIoU | {b} mIoU | paired gap ({a} − {b}) | per-pair gap | "
+                          f"{a} boundary F | {b} boundary F | worst group |"), "|---|---|---|---|---|---|---|---|---|"]
+            ga, gb = p["groups"][a], p["groups"][b]
+            lines.append(f"| {split} | {method} | {_num(ga['miou'])} | {_num(gb['miou'])} | {_num(p['paired_gap'])} | "
+                         f"{_num(p['pair_gap_mean'])} ± {_num(p['pair_gap_std'])} ({p['positive_pairs']} pairs) | "
+                         f"{_num(ga['boundary_f'])} | {_num(gb['boundary_f'])} | "
+                         f"{p['worst_group']} {_num(p['worst_group_miou'])} |")
+    return "\n".join(lines) + "\n" if lines else ""

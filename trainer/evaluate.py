@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .boundary import BoundaryMeter
 from .cam import cam_labels, cam_scores
 from .config import Config, ConfigError
-from .data import dataset_classes, eval_batches, split_has_masks
+from .data import dataset_classes, eval_batches, eval_splits, split_has_masks
 from .distributed import init_distributed, set_threads
 from .eval_report import finish_results, split_result
 from .files import run_dir, stage_run_name
@@ -24,6 +25,7 @@ from .inference import PredictSettings, predict_masks
 from .losses import mask_lets, reconstruction
 from .metrics import SegmentationMeter
 from .multiclass import PerClassThresholdSearch, bias_groups, cam_labels_per_class
+from .paired import PairedScores, pair_keys
 from .tracker import Tracker
 from .viz import grid_row
 from .weights import load_frozen_g, load_segmenter, segmenter_path
@@ -119,19 +121,28 @@ def choose_thresholds(cfg: Config, model, g, classes: list[str]) -> dict:
 
 @dataclass
 class SplitScores:
-    """What one pass over a split accumulates: a meter per prediction kind, per kind and bias group, the
-    method's foreground area on positive and negative images, and the grid rows."""
+    """What one pass over a split accumulates: a meter per prediction kind, per kind and bias group, each
+    kind's boundary F (trainer/boundary.py), on a paired split (samples with `pair` and `group` metadata) each
+    kind's per-image scores by pair (trainer/paired.py), the method's foreground area on positive and negative
+    images, and the grid rows."""
     meters: dict[str, SegmentationMeter]
     groups: dict[str, dict[str, SegmentationMeter]]
     areas: dict[str, list[float]] = field(default_factory=lambda: {"positive": [], "negative": []})
     rows: list = field(default_factory=list)
+    boundary: dict[str, BoundaryMeter] = field(default_factory=dict)
+    pairs: dict[str, PairedScores] = field(default_factory=dict)
 
     def update(self, preds: dict[str, torch.Tensor], batch: dict, num_labels: int) -> None:
         truth, positive = batch["mask"], batch["labels"].sum(1) > 0
         groups = bias_groups(batch.get("meta", []))
         picks = {group: torch.tensor([b == group for b in groups]) for group in sorted({b for b in groups if b})}
+        keys = pair_keys(batch.get("meta", []))
         for name, pred in preds.items():
             self.meters[name].update(pred, truth, positive)
+            image_f = self.boundary.setdefault(name, BoundaryMeter(num_labels)).update(pred, truth, positive,
+                                                                                      batch.get("size"))
+            if any(keys):
+                self.pairs.setdefault(name, PairedScores(num_labels)).update(pred, truth, positive, keys, image_f)
             for group, pick in picks.items():
                 meter = self.groups[name].setdefault(group, SegmentationMeter(num_labels))
                 meter.update(pred[pick], truth[pick], positive[pick])
@@ -211,7 +222,8 @@ def evaluate(cfg: Config, segmenter_file: str | Path | None = None, parent_run_i
              with_segmenter: bool = True) -> dict:
     """Choose the thresholds, score every split of `eval.splits`, report; returns results.json's contents
     (with the eval run's MLflow id as "run_id")."""
-    for split in cfg.eval.splits:  # fail before any work on an unknown split or one without masks
+    splits = eval_splits(cfg)  # an optional split the data set lacks is left out with a warning
+    for split in splits:  # fail before any work on an unknown split or one without masks
         if not split_has_masks(cfg, split):
             raise ConfigError(f"split {split!r} of {cfg.data.url} has no masks; eval.splits must name "
                              "evaluation splits")
@@ -229,7 +241,7 @@ def evaluate(cfg: Config, segmenter_file: str | Path | None = None, parent_run_i
     results = choose_thresholds(cfg, model, g, classes)
     cam_gate = model is not None and results["gate_threshold"] > 0
     methods = (["method"] if model is not None else []) + ["CAM"] + (["CAM-gated"] if cam_gate else []) + [*TRIVIAL]
-    for split in cfg.eval.splits:
+    for split in splits:
         scored = score_split(cfg, split, model, g, results, methods)
         results["splits"][split] = split_result(cfg, split, classes, scored, g, model, out, tracker)
     finish_results(results, out, tracker)
