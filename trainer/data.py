@@ -70,9 +70,9 @@ def eval_splits(cfg: Config) -> list[str]:
     present = read_manifest(cfg.data.url).splits
     missing = [s for s in cfg.eval.splits if s not in present and s in cfg.eval.optional_splits]
     for split in missing:
-        log.warning("split %r of eval.splits is not in %s (built before it existed): skipped; "
-                    "`wsssrec data toy-birds --out FOLDER --only test_paired` adds test_paired to a toy-birds "
-                    "build", split, cfg.data.url)
+        hint = "; `wsssrec data toy-birds --out FOLDER --only test_paired` adds it" if split == "test_paired" else ""
+        log.warning("split %r of eval.splits is not in %s (a data set built before it existed): skipped%s",
+                    split, cfg.data.url, hint)
     return [s for s in cfg.eval.splits if s not in missing]
 
 
