@@ -29,12 +29,12 @@ from data_shards.writer import copy_dataset  # noqa: E402
 BUCKET = "bench"
 
 
-def loader_rate(url: str, args, workers: int, **options) -> float:
+def loader_rate(url: str, args, workers: int, clock=time.perf_counter, **options) -> float:
     """Images/s over one training epoch, DataLoader start-up included (the first epoch of a run pays it).
     The trainer's settings: uint8 batches (made float on the training side, timed here too), the lean tar
     reader; `options` override them (the "before" row: webdataset's tar reader, float batches)."""
     settings = {"uint8": True, "draft": args.draft, **options}
-    start = time.perf_counter()
+    start = clock()
     loader = make_loader(url, "train", LoaderOptions(image_size=args.size, batch_size=args.batch, train=True,
                                                      seed=0, epoch=0, shuffle_buffer=512, num_workers=workers,
                                                      **settings))
@@ -42,7 +42,7 @@ def loader_rate(url: str, args, workers: int, **options) -> float:
     for batch in loader:
         as_float(batch["image"])
         images += len(batch["key"])
-    return images / (time.perf_counter() - start)
+    return images / (clock() - start)
 
 
 def read_rate(url: str) -> float:
@@ -57,13 +57,13 @@ def read_rate(url: str) -> float:
     return total / 1e6 / (time.perf_counter() - start)
 
 
-def decode_rate(raws: list[dict], args, classes: int) -> float:
+def decode_rate(raws: list[dict], args, classes: int, clock=time.perf_counter) -> float:
     """Images/s of decode + resize + flip of the same JPEG bytes already in memory, in this process."""
-    start = time.perf_counter()
+    start = clock()
     for i, raw in enumerate(raws):
         decode_sample(raw, image_size=args.size, num_classes=classes, with_mask=False, flip=bool(i & 1),
                       draft=args.draft)
-    return len(raws) / (time.perf_counter() - start)
+    return len(raws) / (clock() - start)
 
 
 def train_step_rate(args) -> float:
@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
                 "loader s3, 1 worker": lambda: loader_rate(remote, args, 1),
                 "loader local, 2 workers": lambda: loader_rate(local, args, 2),
                 "loader s3, 2 workers": lambda: loader_rate(remote, args, 2),
+                # the same two in CPU time of this process (immune to other jobs on a shared machine)
+                "decode in memory, 1 process, per CPU-s": lambda: decode_rate(raws, args, len(manifest.classes),
+                                                                          time.process_time),
+                "loader local, in-process, per CPU-s": lambda: loader_rate(local, args, 0, time.process_time),
+                "loader local, in-process, before, per CPU-s":
+                    lambda: loader_rate(local, args, 0, time.process_time, uint8=False, tar_reader="webdataset"),
                 "training step (stage 2)": lambda: train_step_rate(args),
             }
             results: dict[str, list[float]] = {name: [] for name in measures}
@@ -172,6 +178,10 @@ def report(results: dict[str, list[float]]) -> None:
          med["loader local, in-process (0 workers)"] / decode),
         ("loader local in-process before / in-memory decode (1 process)",
          med["loader local, in-process, before (webdataset tar reader, float batches)"] / decode),
+        ("loader local in-process / in-memory decode, CPU time",
+         med["loader local, in-process, per CPU-s"] / med["decode in memory, 1 process, per CPU-s"]),
+        ("loader local in-process before / in-memory decode, CPU time",
+         med["loader local, in-process, before, per CPU-s"] / med["decode in memory, 1 process, per CPU-s"]),
         ("loader local in-process, now / before",
          med["loader local, in-process (0 workers)"]
          / med["loader local, in-process, before (webdataset tar reader, float batches)"]),

@@ -6,7 +6,8 @@ by field, and an `extractfile` wrapper per member. On our shards (a 96 px JPEG, 
 only what a shard needs: each 512-byte header's name, size and type, checked by its checksum; ustar name
 prefixes, pax `path` records and GNU long names are honoured, so any tar that webdataset's writer, GNU tar
 or Python's `tarfile` produces reads the same. The rest of webdataset's pipeline (url_opener, group_by_keys,
-shuffle, batched) is used as is; `tar_samples` is webdataset's `tarfile_samples` with this expander.
+shuffle, batched) is used as is; `tar_samples` is webdataset's `tarfile_samples` with this reader and the
+grouping of members into samples done in the same pass.
 
 A header that fails its checksum, a member cut short or a stream that ends without the end-of-archive blocks
 raises `TarStreamError` through the handler (as `tarfile.ReadError` does in webdataset): the samples read so
@@ -20,6 +21,7 @@ import webdataset as wds
 
 BLOCK = 512
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members like __index__ are not samples
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key, extensions
 _REGULAR = (b"0", b"\0", b"7")  # other types (links, directories, devices) hold no sample data: skipped
 
 
@@ -119,29 +121,37 @@ def _skip(stream, count: int, name: str) -> None:
         count -= len(chunk)
 
 
-def tar_expander(sources: Iterable[dict], handler: Callable[[Exception], bool],
-                 select_files: Callable[[str], bool] | None = None) -> Iterator[dict]:
-    """webdataset's `tar_file_expander` contract: {"fname", "data", "__url__"} per member and `{}` at the end
-    of each shard (so group_by_keys never joins samples across shards); errors go to `handler`."""
-    for source in sources:
-        url = source["url"]
+def tar_samples(urls: Iterable[dict], handler: Callable[[Exception], bool],
+                select_files: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """Samples ({"__key__", "__url__", "<ext>": bytes}) of a stream of {"url": ...}: webdataset's url_opener,
+    then the members grouped by key as webdataset's group_by_keys does (key = the name up to its first dot,
+    extension lower-cased, never across shards), in one pass without a dict per member. A duplicate
+    extension within a sample goes to `handler` and the member is dropped; a damaged shard ends there, its
+    last sample kept as far as it was read."""
+    for source in wds.tariterators.url_opener(urls, handler=handler):
+        url, stream, current = source["url"], source["stream"], None
         try:
-            for fname, data in tar_members(source["stream"], select_files):
-                yield {"fname": fname, "data": data, "__url__": url}
+            for fname, data in tar_members(stream, select_files):
+                match = _KEY.match(fname)
+                if match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                if ext in current:
+                    if not handler(ValueError(f"{fname}: duplicate file name in tar file {url}")):
+                        return
+                    continue
+                current[ext] = data
         except Exception as exn:  # noqa: BLE001 - the handler decides (count and skip, or raise)
             exn.args = exn.args + (url,)
             if not handler(exn):
-                break
+                return
         finally:
-            close = getattr(source["stream"], "close", None)
+            close = getattr(stream, "close", None)
             if close is not None:
                 close()
-        yield {}
-
-
-def tar_samples(urls: Iterable[dict], handler: Callable[[Exception], bool],
-                select_files: Callable[[str], bool] | None = None) -> Iterator[dict]:
-    """Samples ({"__key__", "__url__", "<ext>": bytes}) of a stream of {"url": ...}: webdataset's url_opener
-    and group_by_keys around `tar_expander`."""
-    streams = wds.tariterators.url_opener(urls, handler=handler)
-    return wds.tariterators.group_by_keys(tar_expander(streams, handler, select_files), handler=handler)
+        if current is not None:
+            yield current
