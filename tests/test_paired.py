@@ -178,3 +178,11 @@ def test_report_reads_old_results_without_paired_or_boundary_keys(tmp_path, caps
     out = capsys.readouterr().out
     assert "| old | 0 | – | – | – | – | – | 0.500 | – | 0.700 | 0.020 | – |" in out
     assert "Paired split" not in out
+
+
+def test_wsssrec_report_command_passes_control_and_order(runs_dir, capsys):
+    from trainer.cli import main
+
+    main(["report", str(runs_dir), "--control", "rho05", "--order", "rho09"])
+    out = capsys.readouterr().out
+    assert "| rho09 | 0,1 | +0.060 ± 0.020 |" in out and "| other |" not in out.split("Bias tax")[1]
