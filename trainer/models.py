@@ -1,4 +1,4 @@
-"""The networks: a shared encoder (the paper's from-scratch U-Net encoder or g's pretrained EfficientNet-Lite0
+"""The networks: a shared encoder (the paper's from-scratch U-Net encoder or g's pretrained EfficientNet-Lite
 trunk) under two decoders, the mask head f_m (K mask logits Z) and the decomposition head f_x (K image-lets X),
 and the frozen classifier g."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, ModelConfig
-from .effnet import PYRAMID_CHANNELS, EfficientNetLite0
+from .effnet import EfficientNetLite
 from .losses import gaussian_blur
 
 
@@ -46,11 +46,11 @@ class EfficientNetEncoder(nn.Module):
 
     divisor = 32
 
-    def __init__(self, trunk: EfficientNetLite0, trainable: bool = False):
+    def __init__(self, trunk: EfficientNetLite, trainable: bool = False):
         super().__init__()
         self.trunk = copy.deepcopy(trunk)
         self.trunk._fc = nn.Identity()  # the classifier head is not part of the encoder
-        self.out_channels = [3, *PYRAMID_CHANNELS]
+        self.out_channels = [3, *trunk.pyramid_channels]  # the decoders' skips follow g's arch
         self.set_trainable(trainable)
 
     def set_trainable(self, trainable: bool) -> None:
@@ -100,18 +100,19 @@ class UNetDecoder(nn.Module):
 class Segmenter(nn.Module):
     """f_m and f_x over a shared encoder. forward → {"mask_logits": Z (B×K×H×W), "imagelets": X (B×K×3×H×W)}."""
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, trunk: EfficientNetLite0 | None = None):
+    def __init__(self, cfg: ModelConfig, num_classes: int, trunk: EfficientNetLite | None = None):
         super().__init__()
         self.num_classes = num_classes
         self.K = cfg.K or num_classes + 1
         if self.K < num_classes + 1:
             raise ConfigError(f"model.K = {cfg.K} but the data set has C = {num_classes} classes: K must be ≥ C + 1")
         if cfg.encoder == "efficientnet":
-            if cfg.encoder_init == "imagenet":  # the trunk before stage 1: it never saw the biased data
-                from .effnet import imagenet_lite0_state_dict, load_trunk
+            if cfg.encoder_init == "imagenet":  # the trunk before stage 1 (g's arch): it never saw the biased data
+                from .effnet import imagenet_state_dict, load_trunk
 
-                trunk = EfficientNetLite0()
-                load_trunk(trunk, imagenet_lite0_state_dict())
+                arch = trunk.arch if trunk is not None else "lite0"
+                trunk = EfficientNetLite(arch=arch)
+                load_trunk(trunk, imagenet_state_dict(arch))
             if trunk is None:
                 raise ValueError("model.encoder 'efficientnet' needs g's trunk")
             self.encoder = EfficientNetEncoder(trunk, trainable=cfg.encoder_trainable)
@@ -189,7 +190,7 @@ class FrozenClassifier(nn.Module):
     """g in stage 2: no gradients, eval mode always (BatchNorm statistics never move), whatever `.train()`
     callers do. Gradients still flow through g to its inputs."""
 
-    def __init__(self, net: EfficientNetLite0):
+    def __init__(self, net: EfficientNetLite):
         super().__init__()
         self.net = net
         for p in self.net.parameters():

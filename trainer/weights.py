@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, config_from_dict
-from .effnet import EfficientNetLite0, load_state_dict_file
+from .effnet import EfficientNetLite, load_state_dict_file, trunk_arch
 from .files import atomic_torch_save, run_path
 from .models import FrozenClassifier, Segmenter
 from .multiclass import binary_head_rows, class_bias_init
@@ -38,10 +38,19 @@ def segmenter_path(cfg: Config) -> Path:
 
 # ---- g ----
 
-def load_classifier(path: str | Path, num_classes: int) -> EfficientNetLite0:
-    """A trained g from its checkpoint (plain tensors, loaded with weights_only=True)."""
+def load_classifier(path: str | Path, num_classes: int, arch: str | None = None) -> EfficientNetLite:
+    """A trained g from its checkpoint (plain tensors, loaded with weights_only=True). The network's arch is
+    the one the tensors' names and shapes fit (a classifier.pt stores no config); `arch` given (the config's
+    `classifier.arch`) must be that one."""
     state = load_state_dict_file(path)
-    net = EfficientNetLite0(num_classes=num_classes)
+    found = trunk_arch(state)
+    if found is None:
+        raise ValueError(f"classifier checkpoint {path} is not an EfficientNet-Lite network of any known arch "
+                         "(lite0, lite2): its tensor names or shapes differ")
+    if arch is not None and found != arch:
+        raise ValueError(f"classifier checkpoint {path} holds an EfficientNet-{found.capitalize()} but "
+                         f"classifier.arch is {arch}: set classifier.arch={found} or point to a {arch} g")
+    net = EfficientNetLite(num_classes=num_classes, arch=found)
     fc = state.get("_fc.weight")
     if fc is None or fc.shape[0] != num_classes:
         got = "no `_fc` head" if fc is None else f"{fc.shape[0]} classes"
@@ -50,19 +59,19 @@ def load_classifier(path: str | Path, num_classes: int) -> EfficientNetLite0:
     return net
 
 
-def load_frozen_g(cfg: Config, num_classes: int) -> tuple[EfficientNetLite0, FrozenClassifier]:
+def load_frozen_g(cfg: Config, num_classes: int) -> tuple[EfficientNetLite, FrozenClassifier]:
     """g's network (whose trunk the segmenter's encoder shares) and the frozen g the objective asks."""
     path = classifier_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"classifier checkpoint {path} does not exist: run `wsssrec train-classifier` "
                                 "first or set classifier.checkpoint=PATH")
-    net = load_classifier(path, num_classes)
+    net = load_classifier(path, num_classes, cfg.classifier.arch)
     return net, FrozenClassifier(net)
 
 
 # ---- the segmenter ----
 
-def build_segmenter(cfg: Config, num_classes: int, g_net: EfficientNetLite0 | None) -> Segmenter:
+def build_segmenter(cfg: Config, num_classes: int, g_net: EfficientNetLite | None) -> Segmenter:
     """f_m and f_x; with `model.encoder: efficientnet` their encoder is g's trunk (`g_net`). With
     `model.class_init_area` > 0 the mask head's bias starts each class component at that area
     (`multiclass.class_bias_init`)."""
@@ -108,11 +117,16 @@ def read_segmenter_file(path: str | Path) -> SegmenterFile:
                          list(blob["classes"]))
 
 
-def load_segmenter(path: str | Path, g_net: EfficientNetLite0 | None = None) -> tuple[Segmenter, Config, list[str]]:
+def load_segmenter(path: str | Path, g_net: EfficientNetLite | None = None) -> tuple[Segmenter, Config, list[str]]:
     """Rebuild the segmenter class from our package and load its tensors; `g_net` is the trunk to share (a
-    fresh EfficientNet-Lite0, overwritten by the stored trunk weights, when None)."""
+    fresh EfficientNet-Lite of the stored `classifier.arch`, overwritten by the stored trunk weights, when None;
+    files from before that key hold Lite0, its default)."""
     stored = read_segmenter_file(path)
-    trunk = g_net if g_net is not None else EfficientNetLite0(num_classes=len(stored.classes))
+    arch = stored.config.classifier.arch
+    if g_net is not None and g_net.arch != arch and stored.config.model.encoder == "efficientnet":
+        raise WeightsError(f"segmenter {path} was trained on an EfficientNet-{arch.capitalize()} g (classifier.arch="
+                           f"{arch}); the g given is an EfficientNet-{g_net.arch.capitalize()}")
+    trunk = g_net if g_net is not None else EfficientNetLite(num_classes=len(stored.classes), arch=arch)
     model = build_segmenter(stored.config, len(stored.classes), trunk)
     model.load_state_dict(stored.state_dict, strict=True)
     return model, stored.config, stored.classes
