@@ -37,6 +37,20 @@ def test_L_class_area_by_hand():
     assert L_class_area(M, y, 0.03, 0.4, absent_max=0.06).item() == pytest.approx(expected_absent, abs=1e-6)
 
 
+def test_L_class_area_log_floor_by_hand():
+    M, y = _areas_case()
+    # the tagged class 0 of image 0 (a = 0.01 < 0.03) pays log(0.03 / 0.01); the other terms are as before
+    expected = ((math.log(3.0) + 0.30 + 0.10) + 0.05) / 2
+    assert L_class_area(M, y, 0.03, 0.4, floor="log").item() == pytest.approx(expected, rel=1e-5)
+    assert L_class_area(M, y, 0.0, 0.4, floor="log").item() == pytest.approx((0.40 + 0.05) / 2, rel=1e-5)
+    # its pull on the area is 1/a = 100 per unit of a_c (the hinge's is 1): it grows as the class starves
+    a = torch.tensor([[0.01]], requires_grad=True)
+    L_class_area(a[:, :, None, None].expand(1, 1, 2, 2), torch.ones(1, 1), 0.03, 0.4, floor="log").backward()
+    assert a.grad.item() == pytest.approx(-100.0, rel=1e-4)
+    with pytest.raises(ValueError, match="class_area_floor must be hinge or log"):
+        L_class_area(M, y, 0.03, 0.4, floor="square")
+
+
 def test_L_class_area_gradient_pushes_a_starved_tagged_class_up():
     M, y = _areas_case()
     M = M.clone().requires_grad_(True)
