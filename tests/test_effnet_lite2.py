@@ -147,3 +147,22 @@ def test_lite2_pipeline_trains_registers_and_predicts(toy_dataset, tmp_path):
     metas = [json.loads(p.read_text()) for p in (tmp_path / "mlartifacts").rglob("wsssrec.json")]
     assert {m["kind"] for m in metas} == {"classifier", "segmenter"}
     assert all(m["config"]["classifier"]["arch"] == "lite2" for m in metas)
+
+
+@pytest.mark.slow
+def test_arch_benchmark_runs_and_counts_what_the_docs_cite(tmp_path):
+    """bench/g_arch.py (docs/method.md's numbers) in its dry mode: the parameter counts and the FLOPs of g at
+    96 px as docs/method.md cites them, one timed stage-1 step of each arch."""
+    out = tmp_path / "numbers.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "g_arch.py"), "--dry", "--json", str(out),
+                           "--stages", "stage1", "--classifier-batch", "4"], cwd=tmp_path,
+                          env={**os.environ, **THREADS}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    g = result["g"]
+    assert result["image_size"] == 96
+    assert g["lite0"]["parameters_imagenet"] == 4_652_008 and g["lite2"]["parameters_imagenet"] == 6_092_072
+    assert g["lite0"]["parameters_g"] == 3_372_289 and g["lite2"]["parameters_g"] == 4_812_353
+    assert round(g["lite0"]["gflops_forward"], 3) == 0.141 and round(g["lite2"]["gflops_forward"], 3) == 0.211
+    stage1 = result["stages"]["stage1"]
+    assert stage1["batch"] == 4 and all(s > 0 for s in stage1["s_per_step"].values())
