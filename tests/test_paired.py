@@ -67,6 +67,7 @@ def test_identical_predictions_on_both_groups_give_zero_gaps():
     same[1::2] = pred[0::2]  # land predicted exactly as water
     p = _scored([(truth, same, meta)]).pairs["method"].summary()
     assert p["paired_gap"] == 0 and p["pair_gap_mean"] == 0 and p["pair_gap_std"] == 0 and p["pair_fp_gap"] == 0
+    assert p["worst_group"] == "tie" and p["worst_group_miou"] == p["groups"]["water"]["miou"]
 
 
 def test_a_split_without_pair_metadata_has_no_paired_scores_and_same_meters():

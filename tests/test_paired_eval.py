@@ -64,13 +64,14 @@ def test_every_kind_has_paired_scores_and_boundary_f(evaluated):
         assert p["paired_gap"] == pytest.approx(p["groups"]["water"]["miou"] - p["groups"]["land"]["miou"])
     for kind in ("all-background", "all-foreground"):  # the same masks on both sides, the same prediction
         assert paired[kind]["paired_gap"] == 0 and paired[kind]["pair_gap_mean"] == 0, kind
+        assert paired[kind]["worst_group"] == "tie", kind
     for split, res in results["splits"].items():
         assert "paired" not in res or split == "test_paired"
         for kind, summary in res["methods"].items():
             assert 0 <= summary["boundary_f"] <= 1, (split, kind)
         assert res["methods"]["all-foreground"]["boundary_f"] == 0  # no edge inside the image, none found
     saved = json.loads((work / "runs" / "new" / "eval" / "results.json").read_text())
-    assert saved["splits"]["test_paired"]["paired"]["method"]["worst_group"] in ("water", "land")
+    assert saved["splits"]["test_paired"]["paired"]["method"]["worst_group"] in ("water", "land", "tie")
     table = (work / "runs" / "new" / "eval" / "results.md").read_text()
     assert "| test_paired | method | " in table and "paired gap (water − land)" in table
 

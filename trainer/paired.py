@@ -12,7 +12,8 @@ land (or the two groups in sorted order for other names):
   mIoU(A image) − mIoU(B image), each image's mIoU the mean IoU over the labels present in it or predicted;
 - `pair_fp_gap`: mean over the negative pairs of FP area(A image) − FP area(B image);
 - `boundary_f_gap`: boundary F(A) − boundary F(B) (means over positive images);
-- `worst_group` and `worst_group_miou`: the group with the lower pooled mIoU, and that mIoU.
+- `worst_group` and `worst_group_miou`: the group with the lower pooled mIoU ("tie" when equal, as for the
+  trivial predictions, which are the same on both images of a pair), and that mIoU.
 Only complete pairs (both images scored) enter the per-pair numbers."""
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ class PairedScores:
         diffs = [_image_miou(ma) - _image_miou(mb) for ma, mb in complete if ma.positive_images and mb.positive_images]
         diffs = [d for d in diffs if np.isfinite(d)]
         fp = [ma.negative_fg - mb.negative_fg for ma, mb in complete if ma.negative_images and mb.negative_images]
-        worst = min((a, b), key=lambda g: np.nan_to_num(by_group[g]["miou"], nan=np.inf))
+        score = {g: float(np.nan_to_num(by_group[g]["miou"], nan=np.inf)) for g in (a, b)}
+        worst = "tie" if score[a] == score[b] else min(score, key=score.get)
         return {
             "groups": by_group, "gap": [a, b],
             "paired_gap": by_group[a]["miou"] - by_group[b]["miou"],
@@ -100,7 +102,7 @@ class PairedScores:
             "pair_fp_gap": float(np.mean(fp)) if fp else float("nan"),
             "boundary_f_gap": by_group[a]["boundary_f"] - by_group[b]["boundary_f"],
             "positive_pairs": len(diffs), "negative_pairs": len(fp),
-            "worst_group": worst, "worst_group_miou": by_group[worst]["miou"],
+            "worst_group": worst, "worst_group_miou": by_group[b if worst == "tie" else worst]["miou"],
         }
 
 
