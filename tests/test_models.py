@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.effnet import ARCHS, EfficientNetLite, EfficientNetLite0, imagenet_state_dict, load_trunk
+from trainer.effnet import ARCHS, EfficientNetLite, EfficientNetLite0, imagenet_state_dict
 from trainer.objectives import objective
 from trainer.models import FrozenClassifier, Segmenter, component_to_label, count_parameters
 

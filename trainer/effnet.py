@@ -232,8 +232,8 @@ def load_trunk(model: EfficientNetLite, state: dict[str, torch.Tensor]) -> None:
     if missing or unexpected or reshaped:
         found = trunk_arch(state)
         hint = f"; it holds an EfficientNet-{found.capitalize()} trunk (classifier.arch={found})" if found else ""
-        raise ValueError(f"state dict does not match EfficientNet-{model.arch.capitalize()}: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, other shapes {reshaped[:5]}{hint}")
+        raise ValueError(f"state dict does not match EfficientNet-{model.arch.capitalize()}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, other shapes {reshaped[:5]}{hint}")
     if all(k in state and state[k].shape == own[k].shape for k in ("_fc.weight", "_fc.bias")):
         trunk.update({k: state[k] for k in ("_fc.weight", "_fc.bias")})
     model.load_state_dict(trunk, strict=False)
