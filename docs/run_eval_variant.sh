@@ -12,5 +12,5 @@ out=${RUNS:-runs/bias}
 start=$(date +%s)
 .venv/bin/python -m trainer eval -c "$config" data.url="$data/manifest.json" train.seed="$seed" train.out_dir="$out" \
     train.threads="$OMP_NUM_THREADS" classifier.checkpoint="$out/g-$(basename "$data")-seed$seed/classifier.pt" \
-    train.run_name="$name-$variant-seed$seed" --segmenter "$out/$name-seed$seed/segmenter.pt" "$@"
+    train.run_name="$name-$variant-seed$seed" "$@" --segmenter "$out/$name-seed$seed/segmenter.pt"
 echo "wall seconds: $(( $(date +%s) - start ))"
