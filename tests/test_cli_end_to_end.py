@@ -27,7 +27,8 @@ def tiny_run(toy_dataset, tmp_path_factory):
     common = ["-c", str(REPO / "configs/toy_birds.yaml"), f"data.url={toy_dataset}", "data.image_size=64",
               f"train.out_dir={work}/runs", "train.run_name=tiny", f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
               f"mlflow.artifact_location={work}/mlartifacts", "eval.grid_images=4",
-              f"train.deepspeed={REPO}/configs/deepspeed/zero0.json"]
+              f"train.deepspeed={REPO}/configs/deepspeed/zero0.json",
+              "eval.gate_threshold=0.5"]  # the preserve gate on, to test it (the default is off since the CRF)
     outputs = {
         "stage1": wsssrec("train-classifier", *common, "classifier.epochs=10", cwd=work),
         "stage2": wsssrec("train", *common, "train.steps=60", "train.checkpoint_every=30", cwd=work),
@@ -61,7 +62,7 @@ def test_eval_table_has_every_method_and_split(tiny_run):
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["splits"]) == {"val", "test_aligned", "test_conflict"}
     for split in results["splits"].values():
-        # the default config gates the method's regions with g; CAM through the same gate is a row too
+        # with the gate on, the method's regions are gated by g; CAM through the same gate is a row too
         assert set(split["methods"]) == {"method", "CAM", "CAM-gated", "all-background", "all-foreground"}
         assert split["methods"]["CAM-gated"]["negative_fp_area"] <= split["methods"]["CAM"]["negative_fp_area"]
         assert split["methods"]["all-background"]["iou_1"] == 0.0

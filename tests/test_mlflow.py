@@ -110,6 +110,9 @@ def tiny_args(toy_dataset: str, work: Path, name: str) -> list[str]:
     return ["-c", str(REPO / "configs/toy_birds.yaml"), f"data.url={toy_dataset}", "data.image_size=64",
             f"train.out_dir={work}/runs", f"train.run_name={name}", "eval.grid_images=2", "train.threads=1",
             f"train.deepspeed={REPO}/configs/deepspeed/zero0.json", "classifier.epochs=1", "train.log_every=1",
+            # the preserve gate on (the default turned it off with the dense CRF): the registered model then
+            # carries g, which these tests check; the CRF stays on, as in the default
+            "eval.gate_threshold=0.5",
             # only used if the MLFLOW_TRACKING_URI variable were missing: it must win over the config
             "mlflow.tracking_uri=sqlite:////nonexistent/never-used.db"]
 
@@ -217,7 +220,7 @@ def test_registered_versions_carry_lineage_metrics_and_signature(server, pipelin
     assert "test_conflict/method/miou" in json.loads((folder / "metrics.json").read_text())
     assert (folder / "manifest.json").read_bytes() == Path(toy_dataset).read_bytes()
     assert "steps: 30" in (folder / "config.yaml").read_text()
-    # the default config gates with g (eval.gate_threshold): the model carries that g, to predict as eval scored
+    # with the gate on (eval.gate_threshold, tiny_args) the model carries that g, to predict as eval scored
     meta = json.loads((folder / "data" / "wsssrec.json").read_text())
     assert meta["gate"] == {"weights": "classifier.pt", "threshold": 0.5}
     assert (folder / "data" / "classifier.pt").read_bytes() == (run / "classifier.pt").read_bytes()

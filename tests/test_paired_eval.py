@@ -41,7 +41,9 @@ def setup(tmp_path_factory):
 def _config(work, manifest, *extra):
     return load_config(REPO_CONFIG, [f"data.url={manifest}", "data.image_size=64", f"train.out_dir={work}/runs",
                                      "mlflow.enabled=false", "train.threads=1", "eval.grid_images=2",
-                                     f"classifier.checkpoint={work}/g.pt", *extra])
+                                     f"classifier.checkpoint={work}/g.pt",
+                                     "eval.gate_threshold=0.5",  # the gate on: CAM-gated is one of the kinds
+                                     *extra])
 
 
 @pytest.fixture(scope="module")

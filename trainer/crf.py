@@ -37,9 +37,9 @@ class CRFSettings:
 def _densecrf():
     try:
         import pydensecrf.densecrf as dcrf
-    except ImportError as exn:  # an extra: pip install 'wsssrec[crf]'
-        raise ImportError("eval.crf_iterations > 0 needs pydensecrf2 (pip install pydensecrf2, or the 'crf' "
-                          "extra of wsssrec)") from exn
+    except ImportError as exn:  # a dependency of wsssrec (pyproject.toml); built from its sdist
+        raise ImportError("eval.crf_iterations > 0 needs pydensecrf2 (pip install pydensecrf2==1.1; it builds from "
+                          "source, so a C++ compiler)") from exn
     return dcrf
 
 
