@@ -51,6 +51,15 @@ def test_L_class_area_log_floor_by_hand():
         L_class_area(M, y, 0.03, 0.4, floor="square")
 
 
+def test_L_class_area_counts_only_valid_pixels():
+    M, y = _areas_case()
+    valid = torch.tensor([[[True, True, False, False]], [[True, True, True, True]]])
+    # image 0 over its first two pixels: class 0 a = 0 (0.03 below), class 1 a = 1.0 (0.6 above), class 2 a = 0
+    expected = ((0.03 + 0.60 + 0.0) + 0.05) / 2
+    assert L_class_area(M, y, 0.03, 0.4, valid=valid).item() == pytest.approx(expected, abs=1e-6)
+    assert torch.equal(L_class_area(M, y, 0.03, 0.4, valid=None), L_class_area(M, y, 0.03, 0.4))
+
+
 def test_L_class_area_gradient_pushes_a_starved_tagged_class_up():
     M, y = _areas_case()
     M = M.clone().requires_grad_(True)

@@ -335,7 +335,7 @@ def L_pseudo(Z: torch.Tensor, pseudo_labels: torch.Tensor, num_classes: int,
 
 # ------------------------------------------------------------------ multi-class from scratch (issue 19)
 def L_class_area(M: torch.Tensor, y: torch.Tensor, a_min: float, a_max: float, absent_max: float = 0.0,
-                 floor: str = "hinge") -> torch.Tensor:
+                 floor: str = "hinge", valid: torch.Tensor | None = None) -> torch.Tensor:
     """Per-class area bounds tied to the tags (Pathak et al., "Constrained CNN", 2015; Stalder et al., NeurIPS
     2022): with a_c = mean_px M_c, a class the image is tagged with must cover between `a_min` and `a_max` of
     it, relu(a_min − a_c) + relu(a_c − a_max); an untagged class at most `absent_max` (0: nothing),
@@ -343,9 +343,10 @@ def L_class_area(M: torch.Tensor, y: torch.Tensor, a_min: float, a_max: float, a
     Unlike L_area (one prior on the whole foreground, which at K = C + 1 pushes every class component towards
     0 at once) the floor keeps a tagged class's component alive. `floor` "log" (`objective.class_area_floor`)
     makes the floor relu(log a_min − log a_c): through the softmax ∂a_c/∂Z_c shrinks with a_c, so a linear
-    floor stops pulling once a component is nearly empty; the log floor's pull, ∝ 1/a_c, does not fade."""
+    floor stops pulling once a component is nearly empty; the log floor's pull, ∝ 1/a_c, does not fade.
+    Areas are over the `valid` pixels (padding of random-scale crops counts nowhere; None: every pixel)."""
     C = y.shape[1]
-    a = M[:, :C].mean(dim=(2, 3))
+    a = valid_area(M[:, :C], valid)
     if floor == "log":
         below = F.relu(math.log(a_min) - torch.log(a.clamp_min(EPS))) if a_min > 0 else torch.zeros_like(a)
     elif floor == "hinge":
