@@ -22,3 +22,22 @@ def test_k_bounds():
         k_range(settings, 4)
     with pytest.raises(ConfigError, match="sweep.search.K"):
         load_sweep("configs/sweep_toy_multi.yaml", ["sweep.search.K=[C+1, lots]"])
+
+
+def test_toy_multi_sweep_searches_the_per_class_terms():
+    from tune.settings import dimensions
+    from tune.sweep import search_space, start_points
+
+    sweep = load_sweep("configs/sweep_toy_multi.yaml")
+    dims = {d.key: (d.distribution, d.values) for d in dimensions(sweep.settings.search)}
+    assert dims["objective.class_area_weight"] == ("loguniform", [1.0, 32.0])
+    assert dims["objective.class_area_min"] == ("uniform", [0.02, 0.12])
+    assert dims["model.class_init_area"] == ("uniform", [0.02, 0.12])
+    assert dims["objective.class_area_floor"] == ("choice", ["hinge", "log"])
+    assert len(search_space(sweep.settings, 4)) == len(dims)
+    # the first trial is the experiment's own setting, per-class terms included
+    first = start_points(sweep.settings, sweep.experiment, 4)[0]
+    own = {d.key: first[d.name] for d in dimensions(sweep.settings.search)}
+    assert own["objective.class_area_weight"] == 8.0 and own["objective.class_area_min"] == 0.08
+    assert own["objective.class_area_floor"] == "log" and own["model.class_init_area"] == 0.08
+    assert own["objective.area_weight"] == 2.0
