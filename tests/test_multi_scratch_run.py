@@ -3,8 +3,8 @@ toy-multi (80 training images, 64 px), then the segmenter trained for 80 steps w
 from, with the per-class area bounds (`objective.class_area_weight`, log floor) and the class-bias start
 (`model.class_init_area`). At its end every class component must hold clearly more of the images tagged with
 its class than of the images without its tag, on the training images and on val: the class components are
-alive and follow the tags (from scratch, `configs/toy_multi.yaml` without these terms ends with every class
-component empty; docs/results.md "Multi-class"). The area is the soft one, a_c = mean_px M_c: at this budget
+alive and follow the tags (from scratch, toy-multi's earlier setting, area 8 and absent 4 without these
+terms, ends with every class component empty; docs/results.md "Multi-class from scratch, 2026-12-02"). The area is the soft one, a_c = mean_px M_c: at this budget
 no class wins the argmax anywhere yet (the hard areas are printed too, and are 0)."""
 import numpy as np
 import pytest
