@@ -13,12 +13,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from step import Stage1, Stage2, _config, _sync, save_json  # noqa: E402  (bench/step.py)
+from step import Stage1, Stage2, _config, interleaved_times, save_json  # noqa: E402  (bench/step.py)
 
 ARCHS = ("lite0", "lite2")
 
@@ -72,15 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         runners = {arch: kind(cfg, device, batch) for arch, cfg in configs.items()}
         for runner in runners.values():  # warm-up
             runner.step()
-        times: dict[str, list[float]] = {arch: [] for arch in ARCHS}
-        for _ in range(args.rounds):
-            for arch, runner in runners.items():
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    runner.step()
-                _sync(device)
-                times[arch].append((time.perf_counter() - start) / args.steps)
+        times = interleaved_times(runners, args.rounds, args.steps, device)
         ratio = statistics.median(b / a for a, b in zip(times["lite0"], times["lite2"]))
         result["stages"][stage] = {"batch": batch, "lite2_over_lite0": ratio,
                                    "s_per_step": {arch: statistics.median(t) for arch, t in times.items()}}

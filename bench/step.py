@@ -60,6 +60,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def interleaved_times(runners: dict, rounds: int, steps: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of every runner, `rounds` times in turn (so a load change on a shared machine hits
+    every runner alike): name -> one mean over `steps` steps per round."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                runner.step()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
 def _config(config: str, overrides: list[str]):
     from trainer.config import load_config
 
@@ -145,15 +160,7 @@ def measure(stage: str, args, device: torch.device, variants: list[str]) -> dict
         losses[v] = [runner.step(step) for step in range(args.check_steps)]
     for runner in runners.values():  # warm-up (compile happens here)
         runner.step()
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.rounds):
-        for v, runner in runners.items():
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                runner.step()
-            _sync(device)
-            times[v].append((time.perf_counter() - start) / args.steps)
+    times = interleaved_times(runners, args.rounds, args.steps, device)
     base = variants[0]
     out = {"flops_per_step": flops, "batch": batch, "variants": {}}
     for v in variants:
