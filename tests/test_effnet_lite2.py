@@ -111,7 +111,8 @@ def test_lite2_pipeline_trains_registers_and_predicts(toy_dataset, tmp_path):
     common = ["-c", str(REPO / "configs/toy_birds.yaml"), f"data.url={toy_dataset}", "data.image_size=64",
               f"train.out_dir={tmp_path}/runs", "train.run_name=lite2", f"mlflow.tracking_uri={db}",
               f"mlflow.artifact_location={tmp_path}/mlartifacts", "eval.grid_images=2", "train.threads=1",
-              f"train.deepspeed={REPO}/configs/deepspeed/zero0.json", "classifier.arch=lite2"]
+              f"train.deepspeed={REPO}/configs/deepspeed/zero0.json", "classifier.arch=lite2",
+              "eval.gate_threshold=0.5"]  # the gate on (off by default since the CRF): the model carries g
     wsssrec("train-classifier", *common, "classifier.epochs=1", cwd=tmp_path)
     run = tmp_path / "runs" / "lite2"
     g_state = torch.load(run / "classifier.pt", weights_only=True)
@@ -135,7 +136,7 @@ def test_lite2_pipeline_trains_registers_and_predicts(toy_dataset, tmp_path):
     torch.set_num_threads(1)  # the CLI's conv arithmetic, so masks compare exactly
     try:
         predictor = load_predictor(str(run / "segmenter.pt"))
-        assert predictor.g is not None and predictor.g.net.arch == "lite2"  # the gate's g (toy_birds.yaml)
+        assert predictor.g is not None and predictor.g.net.arch == "lite2"  # the gate's g
         pixels = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(images.glob("*.jpg"))]
         expected = [row["mask"] for row in predictor.segment(pixels)]
     finally:

@@ -189,6 +189,8 @@ def test_train_step_hands_the_batch_valid_to_the_objective():
     net = torch.nn.Conv2d(3, K - 1, 1)
 
     class Engine:
+        device = torch.device("cpu")  # a DeepSpeed engine's device, where train_step puts the batch
+
         def __call__(self, images):
             return {"mask_logits": net(images), "imagelets": out["imagelets"]}
 
