@@ -144,7 +144,7 @@ class Bomb:
         return (Path.touch, (directory / "code-ran",))
 folder = directory / "step0000001"
 with weights_only_loads(folder):  # our own safe load of the file this script just wrote
-    blob = torch.load(folder / "mp_rank_00_model_states.pt")
+    blob = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=True)
 blob["payload"] = Bomb()
 torch.save(blob, folder / "mp_rank_00_model_states.pt")
 marker = __import__("json").loads((folder / COMPLETE).read_text())

@@ -29,6 +29,12 @@ class CRFSettings:
     bilateral_srgb: float = 13.0
     bilateral_compat: float = 10.0
 
+    @classmethod
+    def of(cls, ecfg) -> "CRFSettings":
+        """The `eval.crf_*` keys of an EvalConfig."""
+        return cls(ecfg.crf_iterations, ecfg.crf_gaussian_sxy, ecfg.crf_gaussian_compat, ecfg.crf_bilateral_sxy,
+                   ecfg.crf_bilateral_srgb, ecfg.crf_bilateral_compat)
+
     @property
     def on(self) -> bool:
         return self.iterations > 0

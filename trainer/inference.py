@@ -35,10 +35,8 @@ class PredictSettings:
 
     @classmethod
     def of(cls, ecfg: EvalConfig, **changes) -> "PredictSettings":
-        crf = CRFSettings(ecfg.crf_iterations, ecfg.crf_gaussian_sxy, ecfg.crf_gaussian_compat,
-                          ecfg.crf_bilateral_sxy, ecfg.crf_bilateral_srgb, ecfg.crf_bilateral_compat)
         values = {"flip": ecfg.flip, "fg_threshold": ecfg.fg_threshold, "gate_threshold": ecfg.gate_threshold,
-                  "scales": tuple(float(s) for s in ecfg.scales), "crf": crf}
+                  "scales": tuple(float(s) for s in ecfg.scales), "crf": CRFSettings.of(ecfg)}
         return cls(**{**values, **changes})
 
 
