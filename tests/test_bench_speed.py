@@ -46,3 +46,25 @@ def test_gpu_script_runs_every_measurement_on_cpu(tmp_path):
     assert all(r["img_s"] > 0 for r in result["stage2"].values())
     assert set(result["loader"]) == {"0", "1"} and all(v > 0 for v in result["loader"].values())
     assert result["ddp_vs_zero2"]["ddp"] > 0 and result["ddp_vs_zero2"]["zero2_over_ddp"] > 0
+
+
+def test_prepare_images_makes_uint8_batches_float_in_the_configured_layout():
+    """The loader's uint8 batch becomes the float batch the old loader gave (x / 255, its strides kept); with
+    train.channels_last the result is channels-last, values unchanged; a float batch passes through as it is."""
+    import torch
+
+    from trainer.accel import prepare_images
+    from trainer.config import load_config
+
+    hwc = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
+    batch = hwc.permute(0, 3, 1, 2)  # B x 3 x H x W view of the collated H x W x 3 arrays, as the loader gives it
+    cfg = load_config(None)
+    plain = prepare_images(batch, cfg, "cpu")
+    assert plain.dtype == torch.float32 and plain.stride() == batch.stride()
+    assert torch.equal(plain, batch.float() / 255.0) and float(plain.max()) <= 1.0
+    floats = torch.rand(2, 3, 5, 6)
+    assert prepare_images(floats, cfg) is floats
+    cfg.train.channels_last = True
+    last = prepare_images(torch.rand(2, 3, 5, 6), cfg)
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(prepare_images(batch.contiguous(), cfg), plain)

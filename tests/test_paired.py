@@ -89,8 +89,10 @@ def _result_with_paired() -> dict:
 def test_eval_table_shows_boundary_f_and_the_paired_rows():
     results = _result_with_paired()
     table = results_table(results)
-    assert "| split | method | g acc | bird IoU | boundary F | bg IoU | mIoU | neg FP area |" in table
+    assert "| split | method | g acc | bird IoU | boundary F | bg IoU | mIoU | mIoU all | neg FP area |" in table
     assert "| test_paired | method | 1.000 | 0.700 | 0.750 |" in table
+    summary = results["splits"]["test_paired"]["methods"]["method"]
+    assert f"| {summary['miou']:.3f} | {summary['miou_all']:.3f} | {summary['negative_fp_area']:.3f} |" in table
     rows = paired_table(results).splitlines()
     assert rows[0].startswith("| split | method | water mIoU | land mIoU | paired gap (water − land) | per-pair gap")
     assert rows[2] == ("| test_paired | method | 0.583 | 0.775 | -0.192 | -0.167 ± 0.583 (2 pairs) | 0.500 | 1.000 | "
@@ -112,13 +114,15 @@ def _paired_summary(water: float, land: float, water_f: float = 0.5, land_f: flo
             "pair_gap_std": 0.2, "worst_group": worst, "worst_group_miou": min(water, land)}
 
 
-def _write_run(root, name: str, water: float, land: float, conflict_miou: float, **boundary) -> None:
+def _write_run(root, name: str, water: float, land: float, conflict_miou: float, g_accuracy: float = 0.9,
+               **boundary) -> None:
     folder = root / name / "eval"
     folder.mkdir(parents=True)
     method = {"iou_1": 0.5, "miou": conflict_miou, "negative_fp_area": 0.02, "boundary_f": 0.6}
     results = {"splits": {
-        "test_conflict": {"g": {"accuracy": 0.9}, "methods": {"method": method, "CAM": {**method, "miou": 0.5}}},
-        "test_paired": {"g": {"accuracy": 0.9}, "methods": {"method": method},
+        "test_conflict": {"g": {"accuracy": g_accuracy},
+                          "methods": {"method": method, "CAM": {**method, "miou": 0.5}}},
+        "test_paired": {"g": {"accuracy": g_accuracy}, "methods": {"method": method},
                         "paired": {"method": _paired_summary(water, land, **boundary),
                                    "CAM": _paired_summary(0.6, 0.5)}}}}
     (folder / "results.json").write_text(json.dumps(results))
@@ -128,7 +132,7 @@ def _write_run(root, name: str, water: float, land: float, conflict_miou: float,
 def runs_dir(tmp_path):
     _write_run(tmp_path, "rho05-seed0", 0.84, 0.73, 0.70, water_f=0.55, land_f=0.45)
     _write_run(tmp_path, "rho05-seed1", 0.82, 0.71, 0.72, water_f=0.55, land_f=0.45)
-    _write_run(tmp_path, "rho09-seed0", 0.76, 0.66, 0.66, water_f=0.50, land_f=0.40)
+    _write_run(tmp_path, "rho09-seed0", 0.76, 0.66, 0.66, g_accuracy=0.8, water_f=0.50, land_f=0.40)
     _write_run(tmp_path, "rho09-seed1", 0.78, 0.64, 0.68, water_f=0.52, land_f=0.40)
     _write_run(tmp_path, "other-seed5", 0.80, 0.70, 0.69)
     return tmp_path
@@ -159,6 +163,17 @@ def test_report_prints_paired_and_bias_tax_tables(runs_dir, capsys):
     assert "Bias tax against the control 'rho05' on test_paired" in out
     assert ("| rho09 | 0,1 | +0.060 ± 0.020 | +0.070 ± 0.000 | +0.070 ± 0.000 | +0.040 ± 0.010 | +0.050 ± 0.000 "
             "| +0.010 ± 0.020 |") in out
+
+
+def test_report_g_table_follows_the_baseline_setting(runs_dir, capsys):
+    """Two g families in one folder (the ρ = 0.5 and the ρ = 0.9 g of seed 0): the g rows are the baseline
+    setting's, not whichever setting comes first."""
+    report.main([str(runs_dir), "--baselines-from", "rho09"])
+    out = capsys.readouterr().out
+    assert "g of the setting 'rho09'" in out and "| 0 | – | – | 0.800 |" in out and "\n| 5 | " not in out
+    report.main([str(runs_dir)])  # default: the first setting in sorted order, "other" (seed 5 only)
+    out = capsys.readouterr().out
+    assert "g of the setting 'other'" in out and "| 5 | – | – | 0.900 |" in out and "\n| 0 | – | – |" not in out
 
 
 def test_report_control_errors_name_the_settings(runs_dir, tmp_path):

@@ -115,7 +115,9 @@ def test_asha_sweep_finishes_and_stops_a_trial_early(first_sweep):
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith(f"best trial {best['trial_id']}: lambda_m=") and f"K={best['params']['K']}" in last
     assert f"{METRIC}={best['metrics'][METRIC]:.4f}" in last and "wsssrec-segmenter v1 as champion" in last
-    assert "| trial | lambda_m | lambda_c | K |" in proc.stdout  # the results table
+    assert f"| trial | lambda_m | lambda_c | K | rungs | {METRIC} | boundary F | train/loss |" in proc.stdout
+    boundary = METRIC.rsplit("/", 1)[0] + "/boundary_f"  # the same split's boundary F, a number in [0, 1]
+    assert all(0.0 <= t["metrics"][boundary] <= 1.0 for t in result["trials"])
 
 
 @pytest.mark.slow

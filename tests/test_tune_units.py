@@ -8,6 +8,7 @@ import pytest
 from trainer.config import ConfigError
 from tune.champion import beats, decide
 from tune.settings import SweepConfig, k_range, load_sweep
+from tune.sweep import results_table
 from tune.trial import rung_ends, stage_checkpoint, trial_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,3 +176,16 @@ def test_concurrency_fits_whole_trials_into_the_cluster():
     assert concurrency(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
     with pytest.raises(ConfigError, match="needs 2.5 CPUs"):
         concurrency(SweepConfig(workers=2), {"CPU": 2.0})
+
+
+def test_results_table_shows_the_metric_and_its_boundary_f():
+    rows = [{"trial_id": "a1", "params": {"lambda_m": 0.5, "K": 3}, "outcome": "complete",
+             "metrics": {"rung": 3, "val/method/miou": 0.71234, "val/method/boundary_f": 0.4567, "train/loss": 2.5}},
+            {"trial_id": "b2", "params": {"lambda_m": 2.0, "K": 4}, "outcome": "stopped_early",
+             "metrics": {"rung": 1, "val/method/miou": 0.3}}]
+    lines = results_table(rows, "val/method/miou").splitlines()
+    assert lines[0] == "| trial | lambda_m | K | rungs | val/method/miou | boundary F | train/loss | outcome |"
+    assert lines[2] == "| a1 | 0.5 | 3 | 3 | 0.7123 | 0.4567 | 2.5000 | complete |"
+    assert lines[3] == "| b2 | 2 | 4 | 1 | 0.3000 | - | - | stopped_early |"
+    loss_lines = results_table(rows, "val/loss").splitlines()  # a loss metric has no boundary F column
+    assert loss_lines[0] == "| trial | lambda_m | K | rungs | val/loss | train/loss | outcome |"

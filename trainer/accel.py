@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from data_shards.loader import as_float
+
 from .config import Config
 
 
@@ -26,8 +28,7 @@ def prepare_images(images: torch.Tensor, cfg: Config, device: torch.device | str
     bytes over PCIe) in the configured memory format (a no-op on the CPU and when it already is)."""
     if device is not None and images.device != torch.device(device):
         images = images.to(device, non_blocking=True)
-    if images.dtype == torch.uint8:
-        images = images.float().div_(255.0)
+    images = as_float(images)
     if not cfg.train.channels_last or images.dim() != 4:
         return images  # off: the batch is left exactly as it is (a contiguous copy would change the arithmetic)
     return images.contiguous(memory_format=torch.channels_last)

@@ -63,7 +63,7 @@ class ToyConfig:
 @dataclass
 class ClassifierConfig:
     """g: stage 1 fine-tunes it from `init`, stage 2 loads it frozen from `checkpoint`."""
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "efficientnet_lite0"  # kept so stored configs and old YAMLs load; the network is `arch`
     # the EfficientNet-Lite network of g (and of the segmenter's encoder, g's trunk): "lite0" | "lite2" (width 1.1,
     # depth 1.2: 21 blocks, pyramid 16/24/48/120/1280); classifier.init=imagenet loads that arch's shipped weights
     arch: str = "lite0"

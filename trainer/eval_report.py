@@ -105,18 +105,21 @@ def results_table(results: dict) -> str:
     """Markdown: per split and prediction kind g's accuracy, IoU, boundary F at 2 px, mIoU, negative FP area;
     then, for a paired split, the paired table (`paired_table`)."""
     fg_name = f"{results['classes'][0]} IoU" if len(results["classes"]) == 1 else "mean fg IoU"
-    lines = [f"| split | method | g acc | {fg_name} | boundary F | bg IoU | mIoU | neg FP area |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| split | method | g acc | {fg_name} | boundary F | bg IoU | mIoU | mIoU all | neg FP area |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for split, res in results["splits"].items():
         for method, s in res["methods"].items():
             fg = np.nanmean([v for k, v in s.items() if k.startswith("iou_")])
             lines.append(f"| {split} | {method} | {res['g']['accuracy']:.3f} | {fg:.3f} | {_num(s.get('boundary_f'))}"
-                         f" | {s['background_iou']:.3f} | {s['miou']:.3f} | {s['negative_fp_area']:.3f} |")
+                         f" | {s['background_iou']:.3f} | {s['miou']:.3f} | {_num(s.get('miou_all'))}"
+                         f" | {s['negative_fp_area']:.3f} |")
     cam = results.get("cam_thresholds") or results["cam_threshold"]  # one per class when C > 1
     lines.append(f"\nCAM threshold {cam} (chosen on {results['cam_threshold_split']}); "
                  f"method foreground threshold {results.get('fg_threshold', 0.5)}, preserve gate threshold "
                  f"{results.get('gate_threshold', 0.0)} (0: off). Boundary F: DAVIS F measure at a 2-pixel "
-                 "tolerance, mean over positive images.")
+                 "tolerance, mean over positive images. mIoU: IoU pooled over the pixels of the positive images; "
+                 "mIoU all: one confusion matrix over every image of the split, negatives included (VOC's "
+                 "convention).")
     paired = paired_table(results)
     return "\n".join(lines) + "\n" + ("\n" + paired if paired else "")
 

@@ -83,7 +83,7 @@ def table(runs: dict[str, dict[int, dict]], splits=("test_aligned", "test_confli
         cells.append(_fmt(gaps))
         return "| " + " | ".join(cells) + " |"
 
-    base = runs[baselines_from] if baselines_from in runs else (runs[names[0]] if names else {})
+    base = _baseline_setting(runs, order, baselines_from)
     for method in BASELINES:
         if any(_metric(r, splits[-1], method, "miou") is not None for r in base.values()):
             lines.append(row(method, base, method, seconds=False))
@@ -136,7 +136,7 @@ def paired_table(runs: dict[str, dict[int, dict]], split: str = PAIRED_SPLIT, or
         cells.append(max(set(worst), key=worst.count) if worst else "–")
         return "| " + " | ".join(cells) + " |"
 
-    base = runs[baselines_from] if baselines_from in runs else (runs[names[0]] if names else {})
+    base = _baseline_setting(runs, order, baselines_from)
     for method in BASELINES:
         if any(_paired(r, split, method) for r in base.values()):
             lines.append(row(method, base, method))
@@ -211,13 +211,22 @@ def bias_tax_table(runs: dict[str, dict[int, dict]], control: str, split: str = 
     return "\n".join(lines) + "\n"
 
 
-def g_table(runs: dict[str, dict[int, dict]], splits=("val", "test_aligned", "test_conflict")) -> str:
-    seeds: dict[int, dict] = {}
-    for per_seed in runs.values():
-        for seed, run in per_seed.items():
-            seeds.setdefault(seed, run)
-    lines = ["| g of seed | " + " | ".join(f"accuracy {s}" for s in splits) + " |", "|---|" + "---|" * len(splits)]
-    for seed, run in sorted(seeds.items()):
+def _baseline_setting(runs: dict[str, dict[int, dict]], order: list[str] | None,
+                      baselines_from: str | None) -> dict[int, dict]:
+    """The runs whose CAM, trivial and g rows every table shows: `baselines_from`'s, else the first setting's."""
+    names = [n for n in (order or sorted(runs)) if n in runs]
+    return runs[baselines_from] if baselines_from in runs else (runs[names[0]] if names else {})
+
+
+def g_table(runs: dict[str, dict[int, dict]], splits=("val", "test_aligned", "test_conflict"),
+            order: list[str] | None = None, baselines_from: str | None = None) -> str:
+    """Markdown: g's accuracy per seed, from the same setting as the baseline rows (a folder can hold settings
+    trained with different g's, e.g. a ρ = 0.9 and a ρ = 0.5 g of the same seed)."""
+    base = _baseline_setting(runs, order, baselines_from)
+    label = baselines_from if baselines_from in runs else next((n for n in (order or sorted(runs)) if n in runs), "")
+    lines = [f"g of the setting {label!r}", "",
+             "| g of seed | " + " | ".join(f"accuracy {s}" for s in splits) + " |", "|---|" + "---|" * len(splits)]
+    for seed, run in sorted(base.items()):
         cells = [f"{run['results']['splits'][s]['g']['accuracy']:.3f}" if s in run["results"]["splits"] else "–"
                  for s in splits]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
@@ -247,4 +256,4 @@ def main(argv: list[str] | None = None) -> None:
                              f"{', '.join(sorted(runs))}); add the split to its data set (`wsssrec data toy-birds "
                              f"--out FOLDER --only test_paired`) and run `wsssrec eval` again")
         print(bias_tax_table(runs, args.control, args.paired_split, order=args.order))
-    print(g_table(runs))
+    print(g_table(runs, order=args.order, baselines_from=args.baselines_from))

@@ -442,15 +442,23 @@ def _shown(value: Any) -> str:
 
 
 def results_table(rows: list[dict[str, Any]], metric: str) -> str:
+    """Markdown: one row per trial, its searched values, rungs, the metric, the boundary F at 2 px of the same
+    split and prediction kind (when the metric is an mIoU), the mean training loss and the outcome."""
     names = list(rows[0]["params"]) if rows else []
-    lines = [f"| trial | {' | '.join(names)} | rungs | {metric} | train/loss | outcome |",
-             "|---" * (len(names) + 5) + "|"]
+    boundary = metric.rsplit("/", 1)[0] + "/boundary_f" if metric.endswith("/miou") else None
+    extra = ["boundary F"] if boundary else []
+    head = ["trial", *names, "rungs", metric, *extra, "train/loss", "outcome"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+
+    def number(m: dict[str, Any], key: str) -> str:
+        return f"{m[key]:.4f}" if key in m else "-"
+
     for row in rows:
         p, m = row["params"], row["metrics"]
-        value = f"{m[metric]:.4f}" if metric in m else "-"
-        loss = f"{m['train/loss']:.4f}" if "train/loss" in m else "-"
-        shown = " | ".join(_shown(p.get(name, "-")) for name in names)
-        lines.append(f"| {row['trial_id']} | {shown} | {int(m.get('rung', 0))} | {value} | {loss} | {row['outcome']} |")
+        cells = [row["trial_id"], *(_shown(p.get(name, "-")) for name in names), str(int(m.get("rung", 0))),
+                 number(m, metric), *([number(m, boundary)] if boundary else []), number(m, "train/loss"),
+                 row["outcome"]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import torch
 from trainer.config import Config, ObjectiveConfig
 from trainer.data import dataset_classes, eval_batches, split_has_masks
 from trainer.inference import PredictSettings, predict_masks
+from trainer.boundary import BoundaryMeter
 from trainer.metrics import SegmentationMeter
 from trainer.objectives import objective
 from trainer.weights import load_frozen_g, load_segmenter
@@ -38,14 +39,14 @@ def resolve_metric(cfg: Config, split: str, kind: str) -> tuple[str, str]:
 @torch.no_grad()
 def validation_metrics(cfg: Config, segmenter_path: str | Path, split: str,
                        reference: ObjectiveConfig) -> dict[str, float]:
-    """mIoU and per-label IoU (when `split` has masks; predicted with `eval.flip`, `eval.fg_threshold` and the
+    """mIoU, per-label IoU and boundary F at 2 px (when `split` has masks; predicted with `eval.flip`, `eval.fg_threshold` and the
     preserve gate at `eval.gate_threshold`, as `wsssrec eval` predicts) and the mean loss under `reference` weights."""
     classes = dataset_classes(cfg)
     g_net, g = load_frozen_g(cfg, len(classes))
     model, _, _ = load_segmenter(segmenter_path, g_net)
     model.eval()
     has_masks = split_has_masks(cfg, split)
-    meter = SegmentationMeter(len(classes) + 1)
+    meter, boundary = SegmentationMeter(len(classes) + 1), BoundaryMeter(len(classes) + 1)
     weights = replace(reference, paste_weight=0.0)  # L_paste only exists while training
     loss_sum, images_seen = 0.0, 0
     for batch in eval_batches(cfg, split):
@@ -57,7 +58,8 @@ def validation_metrics(cfg: Config, segmenter_path: str | Path, split: str,
         if has_masks:
             pred = predict_masks(model, images, PredictSettings.of(cfg.eval), g, cfg.objective, out).labels
             meter.update(pred, batch["mask"], labels.sum(1) > 0)
+            boundary.update(pred, batch["mask"], labels.sum(1) > 0, batch.get("size"))
     metrics = {metric_key(split, "loss"): loss_sum / max(images_seen, 1)}
     if has_masks:
-        metrics.update({f"{split}/method/{k}": v for k, v in meter.summary().items()})
+        metrics.update({f"{split}/method/{k}": v for k, v in {**meter.summary(), **boundary.summary()}.items()})
     return metrics
