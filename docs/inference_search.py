@@ -39,6 +39,12 @@ SETTINGS = {
     **{f"crf sxy{sxy} srgb{srgb} w{w}": {"crf": CRFSettings(10, 1.0, 3.0, sxy, srgb, w)}
        for sxy, srgb, w in ((16, 8, 10), (16, 13, 15), (16, 13, 20), (24, 13, 10), (24, 13, 15), (12, 13, 10))},
     "crf sxy16 srgb13 w10, 5 iterations": {"crf": CRFSettings(5, 1.0, 3.0, 16, 13, 10)},
+    # round 3 (2026-12-02, gate off as in the default since, all three rho09 seeds): wider and stronger kernels
+    **{f"crf sxy{sxy} srgb{srgb} w{w}": {"crf": CRFSettings(10, 1.0, 3.0, sxy, srgb, w)}
+       for sxy, srgb, w in ((16, 13, 10), (24, 13, 20), (32, 13, 10), (32, 13, 20), (24, 20, 10), (24, 20, 20),
+                            (16, 20, 10), (16, 8, 20), (48, 13, 10), (32, 8, 20))},
+    "crf sxy16 srgb13 w10, 20 iterations": {"crf": CRFSettings(20, 1.0, 3.0, 16, 13, 10)},
+    "crf sxy16 srgb13 w10, gaussian 3 px": {"crf": CRFSettings(10, 3.0, 3.0, 16, 13, 10)},
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.config import ObjectiveConfig
-from trainer.losses import (L_area, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_negative, L_paste,
+from trainer.losses import (L_area, L_binary, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_negative, L_paste,
                             L_preserve, L_recon, L_tv, cls_targets, deleted, erase_schedule, erased, foreground,
                             gaussian_blur, mask_lets, preserved, reconstruction)
 from trainer.objectives import objective
@@ -280,6 +280,20 @@ def test_objective_adds_L_negative_with_lambda_m():
     t = objective(out, I, y, g, replace(base, negative_weight=4.0))
     assert "L_negative" not in without and t["L_negative"].item() > 0
     assert t["loss"].item() == pytest.approx((without["loss"] + 0.5 * 4.0 * t["L_negative"]).item(), rel=1e-6)
+
+
+def test_L_binary_by_hand_and_in_the_objective():
+    # 4·mean(M(1 − M)): hard pixels cost 0, a 0.5 pixel 1, a 0.25 pixel 0.75
+    M_fg = torch.tensor([[[0.0, 1.0], [0.5, 0.25]]])
+    assert L_binary(M_fg).item() == pytest.approx((0 + 0 + 1.0 + 0.75) / 4)
+    valid = torch.tensor([[[True, True], [False, True]]])  # the 0.5 pixel is padding
+    assert L_binary(M_fg, valid).item() == pytest.approx(0.75 / 3)
+    out, I, y, g = _tiny_batch()
+    base = ObjectiveConfig(preset="preserve_delete", lambda_m=0.5)
+    without = objective(out, I, y, g, base)
+    t = objective(out, I, y, g, replace(base, binary_weight=2.0))
+    assert "L_binary" not in without and t["L_binary"].item() > 0
+    assert t["loss"].item() == pytest.approx((without["loss"] + 0.5 * 2.0 * t["L_binary"]).item(), rel=1e-6)
 
 
 def test_erase_schedule_waits_then_ramps_linearly():

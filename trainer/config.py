@@ -117,6 +117,7 @@ class ObjectiveConfig:
     area_weight: float = 8.0  # preserve_delete: weight of mean(M_fg), scaled by lambda_m
     tv_weight: float = 0.5  # preserve_delete: weight of TV(M_fg), scaled by lambda_m
     absent_weight: float = 0.0  # preserve_delete, C > 1: area of components of untagged classes, × lambda_m
+    binary_weight: float = 0.0  # preserve_delete: L_binary, the price of fractional masks, × lambda_m
     negative_weight: float = 0.0  # preserve_delete: negative bags, BCE(M_fg, 0) on untagged images, × lambda_m
     class_area_weight: float = 0.0  # preserve_delete, C > 1: per-class area bounds tied to the tags, × lambda_m
     class_area_min: float = 0.03  # L_class_area: least area of a tagged class (fraction of the image)

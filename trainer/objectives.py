@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 
 from .config import ObjectiveConfig
-from .losses import (Classifier, L_absent, L_area, L_class_area, L_cls, L_delete, L_delete_tagged, L_erase, L_mask,
-                     L_negative, L_paste, L_preserve, L_pseudo, L_recon, L_tv, classifier_rows, deleted, erase_schedule,
-                     fill_image, foreground, mask_lets, preserved, reconstruction)
+from .losses import (Classifier, L_absent, L_area, L_binary, L_class_area, L_cls, L_delete, L_delete_tagged, L_erase,
+                     L_mask, L_negative, L_paste, L_preserve, L_pseudo, L_recon, L_tv, classifier_rows, deleted,
+                     erase_schedule, fill_image, foreground, mask_lets, preserved, reconstruction)
 
 Terms = dict[str, torch.Tensor]
 
@@ -63,6 +63,8 @@ OPTIONAL_TERMS: tuple[OptionalTerm, ...] = (
                  lambda ctx: L_class_area(ctx["M"], ctx["y"], ctx["cfg"].class_area_min, ctx["cfg"].class_area_max,
                                           ctx["cfg"].class_area_absent, ctx["cfg"].class_area_floor,
                                           ctx["valid"])),
+    OptionalTerm("L_binary", lambda cfg, step: cfg.lambda_m * cfg.binary_weight,
+                 lambda cfg, step: cfg.binary_weight > 0, lambda ctx: L_binary(ctx["M_fg"], ctx["valid"])),
     OptionalTerm("L_negative", lambda cfg, step: cfg.lambda_m * cfg.negative_weight,
                  lambda cfg, step: cfg.negative_weight > 0,
                  lambda ctx: L_negative(ctx["M_fg"], ctx["y"], ctx["valid"])),
@@ -94,7 +96,7 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
                               step: int | None = None, valid: torch.Tensor | None = None) -> Terms:
     """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
     + tv_weight·L_tv) + recon_weight·L_recon + λ_m·(absent_weight·L_absent + class_area_weight·L_class_area
-    + negative_weight·L_negative)
+    + binary_weight·L_binary + negative_weight·L_negative)
     + paste_weight·L_paste + erase_weight·erase_schedule(step)·L_erase (paste and erase only while training,
     given the mask network `segment`; L_erase only once its schedule has started).
 
