@@ -7,7 +7,9 @@ against the fp32 baseline's.
 
     OMP_NUM_THREADS=1 python bench/step.py [--threads 1 --rounds 5 --steps 3 --variants fp32 channels_last ...]
 
-Variants are config overrides (so the measured code is the product's): fp32 (every switch off),
+Variants are config overrides (so the measured code is the product's): fp32 (every switch off; the batch as
+the loader gives it since 2026-12-02: uint8, a B×3×H×W view of the collated H×W×3 arrays, made float by the
+step), float_batch (fp32 with a contiguous float32 batch of the same values, as the loader gave it before),
 channels_last, bf16 (channels-last + DeepSpeed's bf16 autocast of the engine's forward; measured on CUDA only),
 compile (channels-last + torch.compile). Rounds interleave the variants, one timed block of each in turn, so a
 load change on a shared machine hits every variant alike; ratios are per round, the median is reported.
@@ -28,11 +30,16 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 VARIANTS = {
+    "float_batch": ["train.channels_last=false", "train.compile=false", "train.bf16=false"],
     "fp32": ["train.channels_last=false", "train.compile=false", "train.bf16=false"],
     "channels_last": ["train.channels_last=true", "train.compile=false", "train.bf16=false"],
     "bf16": ["train.channels_last=true", "train.compile=false", "train.bf16=true"],
     "compile": ["train.channels_last=true", "train.compile=true", "train.bf16=false"],
 }
+
+# the batch each variant gets: "loader" (uint8, channels-last strides: today's loader) or "float" (contiguous
+# float32 of the same values: the loader before its uint8 batches)
+LAYOUTS = {"float_batch": "float"}
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -81,20 +88,26 @@ def _config(config: str, overrides: list[str]):
     return load_config(os.path.join(ROOT, config), ["mlflow.enabled=false", *overrides])
 
 
-def _batch(cfg, batch_size: int, device: torch.device, seed: int = 0) -> dict:
-    """A fixed batch: half positives (a bright square on noise) and half negatives, as the loader gives it."""
+def _batch(cfg, batch_size: int, device: torch.device, seed: int = 0, layout: str = "loader") -> dict:
+    """A fixed batch: half positives (a bright square on noise) and half negatives, as the loader gives it
+    (`layout` "loader": uint8 in the strides of the collated H×W×3 arrays) or as it gave it before 2026-12-02
+    ("float": contiguous float32, the same values)."""
     generator = torch.Generator().manual_seed(seed)
     size = cfg.data.image_size
     images = torch.rand(batch_size, 3, size, size, generator=generator)
     labels = (torch.arange(batch_size) % 2).float()[:, None]
     images[::2, :, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0.9
+    hwc = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # the collated arrays
+    images = hwc.permute(0, 3, 1, 2)  # what the loader hands the step (data_shards.loader)
+    if layout == "float":
+        images = images.float().div(255.0).contiguous()
     return {"image": images.to(device), "labels": labels.to(device), "key": [f"k{i}" for i in range(batch_size)]}
 
 
 class Stage2:
     """The stage-2 step of one variant: a fresh segmenter (same weights for every variant) around a frozen g."""
 
-    def __init__(self, cfg, device: torch.device, batch_size: int):
+    def __init__(self, cfg, device: torch.device, batch_size: int, layout: str = "loader"):
         from trainer.accel import prepare_modules
         from trainer.engine import deepspeed_config, make_engine
         from trainer.models import FrozenClassifier
@@ -109,7 +122,7 @@ class Stage2:
         model = build_segmenter(cfg, 1, g_net).to(device)
         self.engine, _ = make_engine(model, cfg.train.lr, deepspeed_config(cfg, batch_size))
         prepare_modules(cfg, model, self.g)
-        self.batch = _batch(cfg, batch_size, device)
+        self.batch = _batch(cfg, batch_size, device, layout=layout)
         self.engine.train()
 
     def step(self, step: int = 300) -> float:
@@ -121,7 +134,7 @@ class Stage2:
 class Stage1:
     """The stage-1 step of one variant: g fine-tuned from the ImageNet trunk."""
 
-    def __init__(self, cfg, device: torch.device, batch_size: int):
+    def __init__(self, cfg, device: torch.device, batch_size: int, layout: str = "loader"):
         from trainer.accel import prepare_modules
         from trainer.classifier import build_classifier
         from trainer.engine import deepspeed_config, make_engine
@@ -131,7 +144,7 @@ class Stage1:
         net = build_classifier(cfg.classifier, 1).to(device)
         self.engine, _ = make_engine(net, cfg.classifier.lr, deepspeed_config(cfg, batch_size))
         prepare_modules(cfg, net)
-        self.batch = _batch(cfg, batch_size, device)
+        self.batch = _batch(cfg, batch_size, device, layout=layout)
         self.engine.train()
 
     def step(self, step: int = 0) -> float:
@@ -152,7 +165,8 @@ def measure(stage: str, args, device: torch.device, variants: list[str]) -> dict
     """img/s per variant (interleaved rounds), FLOPs per step, utilisation, and the loss curve check."""
     kind = Stage2 if stage == "stage2" else Stage1
     batch = args.batch if stage == "stage2" else args.classifier_batch
-    runners = {v: kind(_config(args.config, VARIANTS[v] + args.override), device, batch) for v in variants}
+    runners = {v: kind(_config(args.config, VARIANTS[v] + args.override), device, batch, LAYOUTS.get(v, "loader"))
+               for v in variants}
     flops = step_flops(kind(_config(args.config, VARIANTS["fp32"] + args.override), device, batch))
     losses = {}
     for v, runner in runners.items():  # the same random draws (g's dropout in stage 1) for every variant
@@ -205,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = measure(stage, args, device, variants)
         result["stages"][stage] = res
         print(f"\n{stage}: {res['flops_per_step'] / 1e9:.1f} GFLOP per step (fp32 count), batch {res['batch']}")
-        print("| variant | s/step | img/s | × fp32 | GFLOP/s | of matmul | max rel. loss diff |")
+        print(f"| variant | s/step | img/s | × {variants[0]} | GFLOP/s | of matmul | max rel. loss diff |")
         print("|---|---|---|---|---|---|---|")
         for v, r in res["variants"].items():
             print(f"| {v} | {r['s_per_step']:.3f} | {r['img_s']:.1f} | {r['speedup']:.2f} | {r['gflop_s']:.1f} | "

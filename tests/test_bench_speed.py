@@ -25,18 +25,20 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
 
 @pytest.mark.slow
 def test_step_benchmark_measures_every_variant_and_checks_equal_losses(tmp_path):
-    result = _run("step.py", tmp_path, "--variants", "fp32", "channels_last", "--override", "data.image_size=64")
+    result = _run("step.py", tmp_path, "--variants", "float_batch", "fp32", "channels_last",
+                  "--override", "data.image_size=64")
     assert result["matmul_gflop_s"] > 0
     for stage in ("stage2", "stage1"):
         numbers = result["stages"][stage]
         assert numbers["flops_per_step"] > 1e8
-        assert set(numbers["variants"]) == {"fp32", "channels_last"}
-        assert numbers["variants"]["fp32"]["speedup"] == pytest.approx(1.0)
+        assert set(numbers["variants"]) == {"float_batch", "fp32", "channels_last"}
+        assert numbers["variants"]["float_batch"]["speedup"] == pytest.approx(1.0)  # the first is the base
         for variant in numbers["variants"].values():
             assert variant["img_s"] > 0 and variant["gflop_s"] > 0
-        # channels-last memory is a layout, not another computation: the same losses up to float rounding (which
-        # Adam's first, sign-like steps amplify a little)
-        assert numbers["variants"]["channels_last"]["max_rel_loss_diff"] < 1e-2
+        # the batch's layout and channels-last memory are layouts, not another computation: the same losses up to
+        # float rounding (which Adam's first, sign-like steps amplify a little)
+        for name in ("fp32", "channels_last"):
+            assert numbers["variants"][name]["max_rel_loss_diff"] < 1e-2
 
 
 @pytest.mark.slow
@@ -68,3 +70,20 @@ def test_prepare_images_makes_uint8_batches_float_in_the_configured_layout():
     last = prepare_images(torch.rand(2, 3, 5, 6), cfg)
     assert last.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(prepare_images(batch.contiguous(), cfg), plain)
+
+
+def test_step_benchmark_batch_is_the_loaders():
+    """bench/step.py's batch is what the loader hands the step: uint8 in the strides of the collated H×W×3
+    arrays (channels-last); the float_batch variant's has the same values, contiguous float32 (the old loader)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import step as step_bench
+    from trainer.config import load_config
+
+    cfg = load_config(None, ["data.image_size=8"])
+    loader = step_bench._batch(cfg, 4, torch.device("cpu"))["image"]
+    old = step_bench._batch(cfg, 4, torch.device("cpu"), layout="float")["image"]
+    assert loader.dtype == torch.uint8 and loader.is_contiguous(memory_format=torch.channels_last)
+    assert old.dtype == torch.float32 and old.is_contiguous()
+    assert torch.equal(old, loader.float() / 255.0)
