@@ -211,11 +211,15 @@ def bias_tax_table(runs: dict[str, dict[int, dict]], control: str, split: str = 
     return "\n".join(lines) + "\n"
 
 
+def _baseline_name(runs: dict[str, dict[int, dict]], order: list[str] | None, baselines_from: str | None) -> str:
+    """The setting whose CAM, trivial and g rows every table shows: `baselines_from`, else the first setting."""
+    names = [n for n in (order or sorted(runs)) if n in runs]
+    return baselines_from if baselines_from in runs else (names[0] if names else "")
+
+
 def _baseline_setting(runs: dict[str, dict[int, dict]], order: list[str] | None,
                       baselines_from: str | None) -> dict[int, dict]:
-    """The runs whose CAM, trivial and g rows every table shows: `baselines_from`'s, else the first setting's."""
-    names = [n for n in (order or sorted(runs)) if n in runs]
-    return runs[baselines_from] if baselines_from in runs else (runs[names[0]] if names else {})
+    return runs.get(_baseline_name(runs, order, baselines_from), {})
 
 
 def g_table(runs: dict[str, dict[int, dict]], splits=("val", "test_aligned", "test_conflict"),
@@ -223,8 +227,7 @@ def g_table(runs: dict[str, dict[int, dict]], splits=("val", "test_aligned", "te
     """Markdown: g's accuracy per seed, from the same setting as the baseline rows (a folder can hold settings
     trained with different g's, e.g. a ρ = 0.9 and a ρ = 0.5 g of the same seed)."""
     base = _baseline_setting(runs, order, baselines_from)
-    label = baselines_from if baselines_from in runs else next((n for n in (order or sorted(runs)) if n in runs), "")
-    lines = [f"g of the setting {label!r}", "",
+    lines = [f"g of the setting {_baseline_name(runs, order, baselines_from)!r}", "",
              "| g of seed | " + " | ".join(f"accuracy {s}" for s in splits) + " |", "|---|" + "---|" * len(splits)]
     for seed, run in sorted(base.items()):
         cells = [f"{run['results']['splits'][s]['g']['accuracy']:.3f}" if s in run["results"]["splits"] else "–"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from trainer.boundary import BoundaryMeter
 from trainer.config import Config, ObjectiveConfig
 from trainer.data import dataset_classes, eval_batches, split_has_masks
 from trainer.inference import PredictSettings, predict_masks
-from trainer.boundary import BoundaryMeter
 from trainer.metrics import SegmentationMeter
 from trainer.objectives import objective
 from trainer.weights import load_frozen_g, load_segmenter
@@ -39,8 +39,9 @@ def resolve_metric(cfg: Config, split: str, kind: str) -> tuple[str, str]:
 @torch.no_grad()
 def validation_metrics(cfg: Config, segmenter_path: str | Path, split: str,
                        reference: ObjectiveConfig) -> dict[str, float]:
-    """mIoU, per-label IoU and boundary F at 2 px (when `split` has masks; predicted with `eval.flip`, `eval.fg_threshold` and the
-    preserve gate at `eval.gate_threshold`, as `wsssrec eval` predicts) and the mean loss under `reference` weights."""
+    """mIoU, per-label IoU and boundary F at 2 px (when `split` has masks; predicted with `eval.flip`,
+    `eval.fg_threshold`, the preserve gate at `eval.gate_threshold` and the CRF, as `wsssrec eval` predicts) and
+    the mean loss under `reference` weights."""
     classes = dataset_classes(cfg)
     g_net, g = load_frozen_g(cfg, len(classes))
     model, _, _ = load_segmenter(segmenter_path, g_net)
