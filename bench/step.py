@@ -30,12 +30,12 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 VARIANTS = {
-    "float_batch": ["train.channels_last=false", "train.compile=false", "train.bf16=false"],
     "fp32": ["train.channels_last=false", "train.compile=false", "train.bf16=false"],
     "channels_last": ["train.channels_last=true", "train.compile=false", "train.bf16=false"],
     "bf16": ["train.channels_last=true", "train.compile=false", "train.bf16=true"],
     "compile": ["train.channels_last=true", "train.compile=true", "train.bf16=false"],
 }
+VARIANTS = {"float_batch": VARIANTS["fp32"], **VARIANTS}  # fp32's switches, the old loader's batch (LAYOUTS)
 
 # the batch each variant gets: "loader" (uint8, channels-last strides: today's loader) or "float" (contiguous
 # float32 of the same values: the loader before its uint8 batches)

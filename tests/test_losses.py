@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from trainer.config import ObjectiveConfig
-from trainer.losses import (L_area, L_binary, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_negative, L_paste,
-                            L_preserve, L_recon, L_tv, cls_targets, deleted, erase_schedule, erased, foreground,
-                            gaussian_blur, mask_lets, preserved, reconstruction)
+from trainer.losses import (L_area, L_binary, L_cls, L_delete, L_delete_tagged, L_erase, L_mask, L_negative,
+                            L_paste, L_preserve, L_recon, L_tv, cls_targets, deleted, erase_schedule, erased,
+                            foreground, gaussian_blur, mask_lets, preserved, reconstruction)
 from trainer.objectives import objective
 
 
@@ -273,13 +273,18 @@ def test_L_negative_is_pixel_bce_to_zero_on_untagged_images_only():
     assert none.item() == 0.0 and none.requires_grad  # no negative in the batch: 0 with a graph
 
 
-def test_objective_adds_L_negative_with_lambda_m():
+def _assert_objective_adds(term: str, weight_field: str, weight: float) -> None:
+    """Off by default; with `weight_field` = weight the term is present and adds λ_m · weight · term."""
     out, I, y, g = _tiny_batch()
     base = ObjectiveConfig(preset="preserve_delete", lambda_m=0.5)
     without = objective(out, I, y, g, base)
-    t = objective(out, I, y, g, replace(base, negative_weight=4.0))
-    assert "L_negative" not in without and t["L_negative"].item() > 0
-    assert t["loss"].item() == pytest.approx((without["loss"] + 0.5 * 4.0 * t["L_negative"]).item(), rel=1e-6)
+    t = objective(out, I, y, g, replace(base, **{weight_field: weight}))
+    assert term not in without and t[term].item() > 0
+    assert t["loss"].item() == pytest.approx((without["loss"] + 0.5 * weight * t[term]).item(), rel=1e-6)
+
+
+def test_objective_adds_L_negative_with_lambda_m():
+    _assert_objective_adds("L_negative", "negative_weight", 4.0)
 
 
 def test_L_binary_by_hand_and_in_the_objective():
@@ -288,12 +293,7 @@ def test_L_binary_by_hand_and_in_the_objective():
     assert L_binary(M_fg).item() == pytest.approx((0 + 0 + 1.0 + 0.75) / 4)
     valid = torch.tensor([[[True, True], [False, True]]])  # the 0.5 pixel is padding
     assert L_binary(M_fg, valid).item() == pytest.approx(0.75 / 3)
-    out, I, y, g = _tiny_batch()
-    base = ObjectiveConfig(preset="preserve_delete", lambda_m=0.5)
-    without = objective(out, I, y, g, base)
-    t = objective(out, I, y, g, replace(base, binary_weight=2.0))
-    assert "L_binary" not in without and t["L_binary"].item() > 0
-    assert t["loss"].item() == pytest.approx((without["loss"] + 0.5 * 2.0 * t["L_binary"]).item(), rel=1e-6)
+    _assert_objective_adds("L_binary", "binary_weight", 2.0)
 
 
 def test_erase_schedule_waits_then_ramps_linearly():

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.boundary import BoundaryMeter
 from trainer.config import Config, ObjectiveConfig
 from trainer.data import dataset_classes, eval_batches, split_has_masks
+from trainer.evaluate import SplitScores
 from trainer.inference import PredictSettings, predict_masks
 from trainer.metrics import SegmentationMeter
 from trainer.objectives import objective
@@ -47,7 +47,8 @@ def validation_metrics(cfg: Config, segmenter_path: str | Path, split: str,
     model, _, _ = load_segmenter(segmenter_path, g_net)
     model.eval()
     has_masks = split_has_masks(cfg, split)
-    meter, boundary = SegmentationMeter(len(classes) + 1), BoundaryMeter(len(classes) + 1)
+    num_labels = len(classes) + 1
+    scored = SplitScores({"method": SegmentationMeter(num_labels)}, {"method": {}})  # as `wsssrec eval` scores
     weights = replace(reference, paste_weight=0.0)  # L_paste only exists while training
     loss_sum, images_seen = 0.0, 0
     for batch in eval_batches(cfg, split):
@@ -58,9 +59,9 @@ def validation_metrics(cfg: Config, segmenter_path: str | Path, split: str,
         images_seen += images.shape[0]
         if has_masks:
             pred = predict_masks(model, images, PredictSettings.of(cfg.eval), g, cfg.objective, out).labels
-            meter.update(pred, batch["mask"], labels.sum(1) > 0)
-            boundary.update(pred, batch["mask"], labels.sum(1) > 0, batch.get("size"))
+            scored.update({"method": pred}, batch, num_labels)
     metrics = {metric_key(split, "loss"): loss_sum / max(images_seen, 1)}
     if has_masks:
-        metrics.update({f"{split}/method/{k}": v for k, v in {**meter.summary(), **boundary.summary()}.items()})
+        summary = {**scored.meters["method"].summary(), **scored.boundary["method"].summary()}
+        metrics.update({f"{split}/method/{k}": v for k, v in summary.items()})
     return metrics
