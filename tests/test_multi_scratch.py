@@ -186,3 +186,66 @@ def test_init_from_binary_head_refuses_a_multi_class_source(tmp_path):
         init_from_checkpoint(multi, tmp_path / "two.pt", head="binary")
     with pytest.raises(WeightsError, match="bare state_dict"):
         init_from_checkpoint(multi, tmp_path / "bare.pt", head="binary")
+
+
+# ---- L_cam: g's confident CAM labels as a warm-up of the components ----
+
+def test_confident_cam_labels_trust_peaks_and_empty_regions_only():
+    from trainer.cam import confident_cam_labels
+
+    scores = torch.tensor([[[[0.9, 0.5, 0.1, 0.3]], [[0.2, 0.7, 0.15, 0.05]]]])  # C = 2, 1×4 pixels
+    # px 0: class 0 above high → 1; px 1: class 1 at 0.7 > 0.6 → 2; px 2: both below low → 0; px 3: 0.3 → ignored
+    assert confident_cam_labels(scores, high=0.6, low=0.2).tolist() == [[[1, 2, 0, 255]]]
+
+
+def test_cam_schedule_fades_linearly_to_zero():
+    from trainer.losses import cam_schedule
+
+    cfg = ObjectiveConfig(cam_weight=2.0, cam_steps=100)
+    assert [cam_schedule(cfg, s) for s in (0, 25, 99, 100, 300)] == pytest.approx([1.0, 0.75, 0.01, 0.0, 0.0])
+    assert cam_schedule(ObjectiveConfig(cam_weight=2.0), 10_000) == 1.0  # cam_steps 0: constant
+    assert cam_schedule(cfg, None) == 1.0
+
+
+class _CamG:
+    """A g whose CAM is class 0 on the left half and class 1 on the right half of every image (maps 2×2,
+    upsampled), with logits that read the mean of the first two channels."""
+
+    def __call__(self, images):
+        return images[:, :2].mean(dim=(2, 3))
+
+    def cam(self, images):
+        maps = torch.zeros(images.shape[0], 2, 1, 2)
+        maps[:, 0, 0, 0] = 1.0
+        maps[:, 1, 0, 1] = 1.0
+        return self(images), maps
+
+
+def test_objective_adds_L_cam_as_cross_entropy_to_the_confident_labels_and_it_fades():
+    from trainer.losses import L_pseudo
+
+    torch.manual_seed(0)
+    out = {"mask_logits": torch.randn(2, 3, 4, 4), "imagelets": torch.rand(2, 3, 3, 4, 4)}
+    I, y = torch.rand(2, 3, 4, 4), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    g = _CamG()
+    base = ObjectiveConfig(preset="preserve_delete", fill_sigma=1.0)
+    on = ObjectiveConfig(preset="preserve_delete", fill_sigma=1.0, cam_weight=3.0, cam_steps=10, cam_high=0.6,
+                         cam_low=0.2)
+    segment = lambda images: out  # noqa: E731 (the training-only terms need a mask network)
+    without = objective(out, I, y, g, base, segment=segment, step=5)
+    t = objective(out, I, y, g, on, segment=segment, step=5)
+    # labels by hand: CAM upsampled bilinearly from 1×2 to 4×4 is (1, 0.75, 0.25, 0) across for class 0 and the
+    # mirror image for class 1; image 1 is not tagged with class 1, so its class-1 CAM is 0
+    labels = torch.tensor([[[1, 1, 2, 2]] * 4, [[1, 1, 255, 0]] * 4])
+    assert t["L_cam"].item() == pytest.approx(L_pseudo(out["mask_logits"], labels, 2).item(), rel=1e-6)
+    assert t["loss"].item() == pytest.approx((without["loss"] + 3.0 * 0.5 * t["L_cam"]).item(), rel=1e-6)
+    assert "L_cam" not in without
+    assert "L_cam" not in objective(out, I, y, g, on, segment=segment, step=10)  # faded out: not computed
+    assert "L_cam" not in objective(out, I, y, g, on, training=False, segment=segment, step=5)
+
+
+def test_cam_thresholds_are_checked():
+    with pytest.raises(ConfigError, match="'objective.cam_low' ≤ 'objective.cam_high'"):
+        load_config(None, ["objective.cam_low=0.7", "objective.cam_high=0.6"])
+    with pytest.raises(ConfigError, match="'objective.cam_steps' is a number of training steps"):
+        load_config(None, ["objective.cam_steps=-3"])

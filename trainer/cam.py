@@ -21,3 +21,12 @@ def cam_labels(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Label map: the strongest class c where its score exceeds the threshold (label c + 1), else 0."""
     best, cls = scores.max(dim=1)
     return torch.where(best > threshold, cls + 1, torch.zeros_like(cls))
+
+
+def confident_cam_labels(scores: torch.Tensor, high: float, low: float) -> torch.Tensor:
+    """Label map of the confident pixels only: the strongest class c where its score exceeds `high` (label
+    c + 1), background (0) where every score is below `low`, 255 (ignored) in between: the seeds of IRN /
+    AffinityNet, which trust CAM's peaks and its empty regions but not its extent."""
+    best, cls = scores.max(dim=1)
+    labels = torch.where(best > high, cls + 1, torch.full_like(cls, 255))
+    return torch.where(best < low, torch.zeros_like(cls), labels)

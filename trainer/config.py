@@ -135,6 +135,12 @@ class ObjectiveConfig:
     fill_sigma: float = 10.0  # preserve_delete: Gaussian-blur fill of deleted regions, in pixels
     fill: str = "blur"  # "blur" | "shuffle" (blurred image of another sample)
     cam_threshold: float = 0.5  # cam_pseudo: CAM score above which a pixel is labelled with the tag's class
+    # preserve_delete: L_cam, g's confident CAM labels as a cross-entropy warm-up of the components (C > 1: which
+    # component is which class; 0 = off), × this weight, fading linearly to 0 over cam_steps (0 = constant)
+    cam_weight: float = 0.0
+    cam_steps: int = 0
+    cam_high: float = 0.6  # L_cam: a tagged class's CAM score above which a pixel is labelled with it
+    cam_low: float = 0.2  # L_cam: every tagged class below this → background; between the two: ignored
     teacher: str = ""  # self_train: the segmenter.pt whose refined, confident masks the student learns
     self_margin: float = 0.15  # self_train: pixels whose foreground mass is this close to the threshold: ignored
 
@@ -326,10 +332,13 @@ def validate(cfg: Config) -> None:
                        "objective.erase_dilate": cfg.objective.erase_dilate}.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be ≥ 0 (0 = off), got {value}")
-    for key in ("objective.erase_start", "objective.erase_ramp"):
+    for key in ("objective.erase_start", "objective.erase_ramp", "objective.cam_steps"):
         value = getattr(cfg.objective, key.split(".")[1])
         if value < 0:
             raise ConfigError(f"config key {key!r} is a number of training steps, ≥ 0; got {value}")
+    if not 0.0 <= cfg.objective.cam_low <= cfg.objective.cam_high <= 1.0:
+        raise ConfigError("config keys 'objective.cam_low' ≤ 'objective.cam_high' are CAM scores in [0, 1], got "
+                          f"{cfg.objective.cam_low} and {cfg.objective.cam_high}")
     if cfg.classifier.jtt_upweight < 1:
         raise ConfigError("config key 'classifier.jtt_upweight' must be ≥ 1 (the error set's loss weight), got "
                           f"{cfg.classifier.jtt_upweight}")

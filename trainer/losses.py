@@ -311,6 +311,14 @@ def erase_schedule(cfg: ObjectiveConfig, step: int | None) -> float:
     return 1.0 if cfg.erase_ramp <= 0 else min(1.0, (step - cfg.erase_start + 1) / cfg.erase_ramp)
 
 
+def cam_schedule(cfg: ObjectiveConfig, step: int | None) -> float:
+    """The factor on cam_weight at training step `step` (0-based): 1 at step 0, falling linearly to 0 at
+    `cam_steps` (0 = constant 1). `step` None (outside a training loop) → 1 while the term is on."""
+    if step is None or cfg.cam_steps <= 0:
+        return 1.0
+    return max(0.0, 1.0 - step / cfg.cam_steps)
+
+
 def L_negative(M_fg: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Negative bags (multiple-instance learning): an image tagged with no class holds no object pixel, so every
     pixel of M_fg there is background: BCE(M_fg, 0), mean over the pixels of the untagged images. Unlike L_area

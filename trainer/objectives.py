@@ -15,7 +15,7 @@ import torch
 from .config import ObjectiveConfig
 from .losses import (Classifier, L_absent, L_area, L_binary, L_class_area, L_cls, L_delete, L_delete_tagged, L_erase,
                      L_mask, L_negative, L_paste, L_preserve, L_pseudo, L_recon, L_tv, classifier_rows, deleted,
-                     erase_schedule, fill_image, foreground, mask_lets, preserved, reconstruction)
+                     cam_schedule, erase_schedule, fill_image, foreground, mask_lets, preserved, reconstruction)
 
 Terms = dict[str, torch.Tensor]
 
@@ -76,6 +76,11 @@ OPTIONAL_TERMS: tuple[OptionalTerm, ...] = (
                  lambda ctx: L_erase(ctx["segment"], ctx["g"] if ctx["cfg"].erase_gate else None, ctx["I"], ctx["y"],
                                      ctx["M_fg"], ctx["fill"], ctx["C"], ctx["cfg"].erase_dilate, ctx["valid"]),
                  training=True),
+    OptionalTerm("L_cam", lambda cfg, step: cfg.cam_weight * cam_schedule(cfg, step),
+                 lambda cfg, step: cfg.cam_weight > 0 and cam_schedule(cfg, step) > 0,
+                 lambda ctx: L_pseudo(ctx["Z"], _confident_cam_labels(ctx["g"], ctx["I"], ctx["y"], ctx["cfg"]),
+                                      ctx["C"], ctx["valid"]),
+                 training=True),
 )
 
 
@@ -97,8 +102,9 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
     + tv_weight·L_tv) + recon_weight·L_recon + λ_m·(absent_weight·L_absent + class_area_weight·L_class_area
     + binary_weight·L_binary + negative_weight·L_negative)
-    + paste_weight·L_paste + erase_weight·erase_schedule(step)·L_erase (paste and erase only while training,
-    given the mask network `segment`; L_erase only once its schedule has started).
+    + paste_weight·L_paste + erase_weight·erase_schedule(step)·L_erase + cam_weight·cam_schedule(step)·L_cam
+    (paste, erase and cam only while training, given the mask network `segment`; L_erase only once its schedule
+    has started, L_cam only until its schedule has faded to 0).
 
     For C classes the classifier terms work per tagged class on the class's own component (`classifier_rows`):
     keeping only M_c must read as class c alone, removing M_c must remove class c and keep the others. L_tv is
@@ -128,7 +134,7 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
         "L_tv": sum(L_tv(M_c, I, cfg.edge_aware_tv, valid) for M_c in (M[:, :C].unbind(1) if C > 1 else [M_fg])),
         "L_recon": L_recon(reconstruction(M, out["imagelets"]), I, valid),
     }
-    ctx = {"M": M, "M_fg": M_fg, "M_classes": M[:, :C] if C > 1 else M_fg, "I": I, "y": y, "g": g, "fill": fill,
+    ctx = {"Z": out["mask_logits"], "M": M, "M_fg": M_fg, "M_classes": M[:, :C] if C > 1 else M_fg, "I": I, "y": y, "g": g, "fill": fill,
            "C": C, "cfg": cfg, "segment": segment, "valid": valid}
     for term in OPTIONAL_TERMS:
         if term.active(cfg, step) and (not term.training or (training and segment is not None)):
@@ -144,6 +150,13 @@ def _cam_pseudo_labels(g, I: torch.Tensor, y: torch.Tensor, threshold: float) ->
     from .cam import cam_labels, cam_scores
 
     return cam_labels(cam_scores(g, I, tags=y), threshold)
+
+
+@torch.no_grad()
+def _confident_cam_labels(g, I: torch.Tensor, y: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    from .cam import cam_scores, confident_cam_labels
+
+    return confident_cam_labels(cam_scores(g, I, tags=y), cfg.cam_high, cfg.cam_low)
 
 
 def cam_pseudo_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g, cfg: ObjectiveConfig,
