@@ -1,4 +1,5 @@
-"""`wsssrec data ...` subcommands: build toy-birds or toy-multi, convert user data, upload and list a data set.
+"""`wsssrec data ...` subcommands: build toy-birds, toy-multi or toy-multi8, convert user data, upload and list
+a data set.
 
 Every OUT / MANIFEST argument takes a local folder or an s3://bucket/prefix (credentials and endpoint from
 the standard AWS environment: AWS_ENDPOINT_URL, AWS_PROFILE, ...)."""
@@ -15,9 +16,11 @@ def _toy(args: argparse.Namespace) -> None:
     if args.only:
         _toy_only(args)
         return
-    paired = {} if args.data_command == "toy-multi" else {"paired": args.paired}
+    paired = {"paired": args.paired} if args.data_command == "toy-birds" else {}
     if args.data_command == "toy-multi":
         from .toy_multi import build_toy_multi as build
+    elif args.data_command == "toy-multi8":
+        from .toy_multi8 import build_toy_multi8 as build
     else:
         from .toy_birds import build_toy_birds as build
 
@@ -112,7 +115,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     for name, what, rho_help in (
             ("toy-birds", "the toy-birds data set", "P(water | bird) = P(land | no bird) in train/val"),
             ("toy-multi", "the multi-class toy-multi data set (bird, mammal, fish, fruit)",
-             "P(own background group | class) in train/val: bird, fish on water; mammal, fruit on land")):
+             "P(own background group | class) in train/val: bird, fish on water; mammal, fruit on land"),
+            ("toy-multi8", "toy-multi8: C = 8 (toy-multi's classes + vegetable, vehicle, instrument, tool), "
+                           "co-occurring class pairs",
+             "P(own background group | class) in train/val: bird, fish, instrument, tool on water; mammal, "
+             "fruit, vegetable, vehicle on land")):
         toy = commands.add_parser(name, help=f"build {what} (fetches Debian packages)")
         toy.add_argument("--out", required=True, help="output folder or s3:// prefix for shards and manifest.json")
         toy.add_argument("--seed", type=int, default=0)

@@ -3,12 +3,14 @@ the toy-birds background photos, occluding each other by paste order, with exact
 class-to-background bias (bird and fish on water, mammal and fruit on land).
 
 Same sources, crops, ignore rims and JPEG re-encoding as toy-birds (`data_shards.toy_birds`); every sample is
-drawn from its own RNG seeded by (seed, split, index), so the same seed gives byte-identical shards.
+drawn from its own RNG seeded by (seed, split, index), so the same seed gives byte-identical shards. The builder
+takes a `MultiSpec`, so `data_shards.toy_multi8` (C = 8) is only its class lists.
 """
 from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -63,46 +65,74 @@ MIN_VISIBLE = 0.35  # an object later pastes cover beyond this fraction of its o
 PLACEMENT_TRIES = 8
 
 
-def load_class_cutouts(share: str, size: int) -> dict[str, dict[str, list[Cutout]]]:
+@dataclass(frozen=True)
+class MultiSpec:
+    """What makes one multi-class toy set (toy-multi, toy-multi8): its classes, their background groups and
+    stamps, the test-only instances, the distractors, and which classes prefer each other's company."""
+    name: str
+    classes: list[str]
+    class_groups: dict[str, str]  # class -> "water" | "land", the group it is biased towards
+    class_globs: dict[str, tuple[str, ...]]  # class -> stamp globs under usr/share
+    excluded: dict[str, set[str]]  # class -> stamp names left out
+    test_instances: dict[str, set[str]]  # class -> stamp names used by the test splits only
+    distractor_globs: tuple[str, ...]
+    distractor_excluded: frozenset[str] = frozenset()  # names relative to tuxpaint/stamps, no extension
+    # Co-occurrence: class -> its partner (symmetric, same group). Each additional object of an image is the
+    # primary class's partner with probability partner_probability, else a class of the primary's group.
+    partners: dict[str, str] = field(default_factory=dict)
+    partner_probability: float = 0.0
+
+    def __post_init__(self) -> None:
+        for cls, partner in self.partners.items():
+            if self.partners.get(partner) != cls or self.class_groups[cls] != self.class_groups[partner]:
+                raise ValueError(f"{self.name}: partners {cls!r} and {partner!r} must name each other and share a "
+                                 f"background group (groups: {self.class_groups})")
+
+
+TOY_MULTI = MultiSpec("toy-multi", CLASSES, CLASS_GROUPS, CLASS_GLOBS, EXCLUDED, TEST_INSTANCES, DISTRACTOR_GLOBS)
+
+
+def load_class_cutouts(share: str, size: int,
+                       spec: MultiSpec = TOY_MULTI) -> dict[str, dict[str, list[Cutout]]]:
     """class -> {"train": [...], "test": [...]} photo cut-outs, pre-shrunk to at most twice the canvas."""
     out: dict[str, dict[str, list[Cutout]]] = {}
-    for cls in CLASSES:
-        paths = sorted(p for pattern in CLASS_GLOBS[cls] for p in glob.glob(os.path.join(share, pattern)))
+    for cls in spec.classes:
+        paths = sorted(p for pattern in spec.class_globs[cls] for p in glob.glob(os.path.join(share, pattern)))
         split: dict[str, list[Cutout]] = {"train": [], "test": []}
         for path in paths:
             name = os.path.splitext(os.path.basename(path))[0]
-            if name in EXCLUDED[cls]:
+            if "/cartoon/" in path or name in spec.excluded[cls]:  # cartoon/ folders hold drawings
                 continue
-            side = "test" if name in TEST_INSTANCES[cls] else "train"
+            side = "test" if name in spec.test_instances[cls] else "train"
             split[side].append(Cutout(name, _premultiplied(path, 2 * size)))
         if not split["train"] or not split["test"]:
-            raise DataError(f"toy-multi class {cls!r}: no {'train' if not split['train'] else 'test'} cut-outs "
-                            f"under {share} ({', '.join(CLASS_GLOBS[cls])}; expected tuxpaint-stamps-default)")
+            raise DataError(f"{spec.name} class {cls!r}: no {'train' if not split['train'] else 'test'} cut-outs "
+                            f"under {share} ({', '.join(spec.class_globs[cls])}; expected tuxpaint-stamps-default)")
         out[cls] = split
     return out
 
 
-def load_distractors(share: str, size: int) -> list[Cutout]:
+def load_distractors(share: str, size: int, spec: MultiSpec = TOY_MULTI) -> list[Cutout]:
     items = []
-    for pattern in DISTRACTOR_GLOBS:
+    for pattern in spec.distractor_globs:
         for path in sorted(glob.glob(os.path.join(share, pattern), recursive=True)):
-            if "/cartoon/" in path:
+            name = os.path.splitext(os.path.relpath(path, os.path.join(share, "tuxpaint", "stamps")))[0]
+            if "/cartoon/" in path or name in spec.distractor_excluded:
                 continue
-            name = os.path.relpath(path, os.path.join(share, "tuxpaint", "stamps"))
-            items.append(Cutout(os.path.splitext(name)[0], _premultiplied(path, size)))
+            items.append(Cutout(name, _premultiplied(path, size)))
     return items
 
 
-def _plan(split: str, count: int, rho: float, seed: int) -> list[tuple[int | None, str]]:
+def _plan(split: str, count: int, rho: float, seed: int, spec: MultiSpec) -> list[tuple[int | None, str]]:
     """(primary class index or None for a negative, background group) per sample: exact class balance, exact
     bias counts per class (aligned = the class's own group), negatives split evenly between the groups."""
     bias = 1.0 - rho if split == "test_conflict" else rho
     n_neg = round(NEGATIVE_FRACTION * count)
     n_pos = count - n_neg
     plan: list[tuple[int | None, str]] = []
-    for c, cls in enumerate(CLASSES):
-        n_c = n_pos // len(CLASSES) + (1 if c < n_pos % len(CLASSES) else 0)
-        own = CLASS_GROUPS[cls]
+    for c, cls in enumerate(spec.classes):
+        n_c = n_pos // len(spec.classes) + (1 if c < n_pos % len(spec.classes) else 0)
+        own = spec.class_groups[cls]
         other = "land" if own == "water" else "water"
         aligned = round(bias * n_c)
         plan += [(c, own)] * aligned + [(c, other)] * (n_c - aligned)
@@ -125,7 +155,8 @@ def _own_mask(size: int, pixels: np.ndarray, x: int, y: int) -> np.ndarray:
 
 
 def compose_multi(rng: np.random.Generator, size: int, photo: Photo, region: str,
-                  objects: list[tuple[int, Cutout]], distractors: list[Cutout]) -> tuple[np.ndarray, np.ndarray, dict]:
+                  objects: list[tuple[int, Cutout]], distractors: list[Cutout],
+                  classes: list[str] = CLASSES) -> tuple[np.ndarray, np.ndarray, dict]:
     """One composite of `objects` (class index, cut-out) in paste order: (RGB uint8, uint8 mask, metadata).
     Mask: 0 background, c + 1 where object c (the last one pasted there) has alpha ≥ 128, 255 on its rim;
     tags: the classes left with labelled pixels."""
@@ -154,7 +185,7 @@ def compose_multi(rng: np.random.Generator, size: int, photo: Photo, region: str
         mask[object_mask == 1] = c + 1
         mask[object_mask == 255] = 255
         h, w = pixels.shape[:2]
-        records.append({"class": CLASSES[c], "name": cutout.name, "box": [x, y, x + w, y + h]})
+        records.append({"class": classes[c], "name": cutout.name, "box": [x, y, x + w, y + h]})
     labels = sorted({c for c, *_ in placed if (mask == c + 1).any()})
     image = np.clip(np.round(canvas * 255.0), 0, 255).astype(np.uint8)
     meta = {
@@ -170,16 +201,27 @@ def compose_multi(rng: np.random.Generator, size: int, photo: Photo, region: str
     return image, mask, meta
 
 
-def _objects(rng: np.random.Generator, primary: int, pool: dict[str, list[Cutout]]) -> list[tuple[int, Cutout]]:
+def _objects(rng: np.random.Generator, primary: int, pool: dict[str, list[Cutout]],
+             spec: MultiSpec) -> list[tuple[int, Cutout]]:
     """The primary class first, then 0-2 more objects of classes biased towards the same background group
-    (so an aligned image is aligned for every object in it, a conflict image in conflict for every one)."""
-    same_side = [c for c, cls in enumerate(CLASSES) if CLASS_GROUPS[cls] == CLASS_GROUPS[CLASSES[primary]]]
-    classes = [primary] + [same_side[int(rng.integers(len(same_side)))] for _ in range(int(rng.integers(0, 3)))]
+    (so an aligned image is aligned for every object in it, a conflict image in conflict for every one); with
+    partners, each of them is the primary's partner with probability spec.partner_probability."""
+    names = spec.classes
+    same_side = [c for c, cls in enumerate(names) if spec.class_groups[cls] == spec.class_groups[names[primary]]]
+    partner = spec.partners.get(names[primary])
+
+    def another() -> int:
+        # no draw for the partner test without partners: toy-multi's RNG stream (and bytes) stay as they were
+        if partner is not None and rng.random() < spec.partner_probability:
+            return names.index(partner)
+        return same_side[int(rng.integers(len(same_side)))]
+
+    classes = [primary] + [another() for _ in range(int(rng.integers(0, 3)))]
     order = rng.permutation(len(classes))  # the primary class is not always pasted first (or last)
     picked = []
     for i in order:
         c = classes[int(i)]
-        instances = pool[CLASSES[c]]
+        instances = pool[names[c]]
         picked.append((c, instances[int(rng.integers(len(instances)))]))
     return picked
 
@@ -194,33 +236,35 @@ def build_toy_multi(
     cache_dir: str | None = None,
     maxcount: int = 250,
     progress: bool = True,
+    spec: MultiSpec = TOY_MULTI,
 ) -> str:
-    """Build toy-multi into `out_dir` (shards, then manifest.json); returns the manifest path."""
-    counts = check_build_args("toy-multi", size, rho, counts, DEFAULT_COUNTS)
+    """Build toy-multi (or the set `spec` describes) into `out_dir` (shards, then manifest.json); returns the
+    manifest path."""
+    counts = check_build_args(spec.name, size, rho, counts, DEFAULT_COUNTS)
     share = fetch_sources(cache_dir)
-    cutouts = load_class_cutouts(share, size)
-    distractors = load_distractors(share, size)
+    cutouts = load_class_cutouts(share, size, spec)
+    distractors = load_distractors(share, size, spec)
     photos = load_photos(share, size)
     by_group = {g: [p for p in photos if p.group == g] for g in ("water", "land")}
 
     splits = {}
     for split in SPLITS:
         is_test = split.startswith("test")
-        pool = {cls: cutouts[cls]["test" if is_test else "train"] for cls in CLASSES}
+        pool = {cls: cutouts[cls]["test" if is_test else "train"] for cls in spec.classes}
         with ShardWriter(out_dir, split, maxcount) as writer:
-            plan = _plan(split, counts[split], rho, seed)
-            for index, (primary, group) in enumerate(tqdm(plan, desc=f"toy-multi {split}", disable=not progress)):
+            plan = _plan(split, counts[split], rho, seed, spec)
+            for index, (primary, group) in enumerate(tqdm(plan, desc=f"{spec.name} {split}", disable=not progress)):
                 rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
                 photo = by_group[group][int(rng.integers(len(by_group[group])))]
-                objects = _objects(rng, primary, pool) if primary is not None else []
+                objects = _objects(rng, primary, pool, spec) if primary is not None else []
                 image, mask, meta = compose_multi(rng, size, photo, "test" if is_test else "train", objects,
-                                                  distractors)
+                                                  distractors, spec.classes)
                 if primary is not None:
-                    own = CLASS_GROUPS[CLASSES[primary]]
+                    own = spec.class_groups[spec.classes[primary]]
                     meta["bias"] = "aligned" if group == own else "conflict"
                 mask_png = encode_mask_png(mask) if split != "train" else None
                 writer.write(make_sample(f"{split}-{index:06d}", encode_jpeg(image, JPEG_QUALITY), meta, mask_png))
             splits[split] = writer.close()
         if split != "train":
             splits[split].has_masks = True
-    return write_manifest(out_dir, CLASSES, splits)
+    return write_manifest(out_dir, spec.classes, splits)
