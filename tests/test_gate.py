@@ -99,3 +99,47 @@ def test_gate_threshold_outside_0_1_is_rejected():
     for bad in ("eval.gate_threshold=1.0", "eval.gate_threshold=-0.1", "eval.fg_threshold=1.5"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(CONFIG, [bad])
+
+
+# ---- the tag gate (eval.tag_threshold): g's whole-image prediction removes the classes it does not see ----
+
+def test_remove_classes_moves_an_absent_class_mass_to_background():
+    from trainer.gate import remove_classes
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]))[:, :, None, None]  # B=2, C=2, K=3
+    absent = torch.tensor([[False, True], [False, False]])
+    probs = torch.softmax(remove_classes(logits, absent, 2), dim=1)[:, :, 0, 0]
+    assert probs[0].tolist() == pytest.approx([0.5, 0.0, 0.5], abs=1e-6)  # class 1's 0.3 went to background
+    assert probs[1].tolist() == pytest.approx([0.1, 0.6, 0.3], abs=1e-6)  # nothing absent: unchanged
+    assert remove_classes(logits, torch.zeros(2, 2, dtype=torch.bool), 2) is logits
+
+
+def test_tag_gate_in_eval_and_in_the_registered_predictor():
+    """With eval.tag_threshold 0.5 the grass image, where g sees no red, loses its (untrained, everywhere)
+    foreground; the square keeps it; the predictor predicts what predict_masks does, and needs g."""
+    import numpy as np
+
+    from trainer.config import load_config
+    from trainer.effnet import EfficientNetLite0
+    from trainer.images import resize_for_model
+    from trainer.inference import PredictSettings, SegmenterPredictor, predict_masks
+    from trainer.models import Segmenter
+
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG, ["data.image_size=64", "eval.fg_threshold=0.01", "eval.tag_threshold=0.5",
+                               "eval.crf_iterations=0"])
+    model = Segmenter(cfg.model, 1, trunk=EfficientNetLite0(num_classes=1)).eval()
+    square, grass = _red_square_and_grass(64)
+    batch = torch.stack([resize_for_model(img, 64) for img in (square, grass)])
+    settings = PredictSettings.of(cfg.eval)
+    assert settings.needs_g and not PredictSettings.of(cfg.eval, tag_threshold=0.0).needs_g
+    pred = predict_masks(model, batch, settings, RedDetector())
+    assert (pred.labels[0] > 0).float().mean() > 0.9 and pred.labels[1].sum() == 0
+    with pytest.raises(ValueError, match="the tag gate .* needs g"):
+        predict_masks(model, batch, settings)
+    rows = SegmenterPredictor(model, cfg, ["bird"], g=RedDetector()).segment([square, grass], probabilities=True)
+    for row, want in zip(rows, pred.labels):
+        assert np.array_equal(row["mask"], want.numpy())
+    assert np.allclose(rows[1]["probabilities"][0], 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="tag gate .* needs the frozen classifier g"):
+        SegmenterPredictor(model, cfg, ["bird"])

@@ -177,6 +177,9 @@ class EvalConfig:
     fg_threshold_from_val: bool = False  # choose fg_threshold on cam_split by mIoU, as for CAM
     gate_threshold: float = 0.0  # preserve gate (trainer/gate.py): drop class regions g scores below this; 0 = off
     gate_threshold_from_val: bool = False  # choose gate_threshold on cam_split by mIoU (0 = off is a candidate)
+    # tag gate (trainer/gate.py): classes whose whole-image probability σ(g(I))_c is below this are removed from
+    # the masks (their mass goes to background) before the CRF and the threshold, as CAM's rows use g's tags; 0 = off
+    tag_threshold: float = 0.0
     flip: bool = False  # method: average the mask logits of the image and of its mirror image (flip test-time augmentation)
     # method: multi-scale test-time augmentation; the mask logits at each scale (and flipped with eval.flip),
     # resized back to the input size and averaged. [1.0]: the input as it is (one forward, or two with flip)
@@ -347,7 +350,8 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key {key!r} is a probability in [0, 1], got {value}")
     for key, value in {"eval.fg_threshold": cfg.eval.fg_threshold,
-                       "eval.gate_threshold": cfg.eval.gate_threshold}.items():
+                       "eval.gate_threshold": cfg.eval.gate_threshold,
+                       "eval.tag_threshold": cfg.eval.tag_threshold}.items():
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"config key {key!r} is a probability threshold in [0, 1), got {value}")
     o = cfg.objective

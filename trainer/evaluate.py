@@ -68,10 +68,11 @@ def choose_cam_threshold(g, cfg: Config, num_labels: int) -> tuple[float, dict[f
     return search_threshold(cfg, num_labels, CAM_THRESHOLDS, prepare)
 
 
-def choose_fg_threshold(model, cfg: Config, num_labels: int) -> tuple[float, dict[float, float]]:
-    """The method's foreground threshold chosen on the same split and by the same rule as CAM's."""
-    def prepare(batch):  # the one inference path's logits (flip, scales, CRF), before threshold and gate
-        logits = predict_masks(model, batch["image"], PredictSettings.of(cfg.eval, gate_threshold=0.0)).logits
+def choose_fg_threshold(model, cfg: Config, num_labels: int, g=None) -> tuple[float, dict[float, float]]:
+    """The method's foreground threshold chosen on the same split and by the same rule as CAM's (`g`: for the
+    tag gate, which acts before the threshold)."""
+    def prepare(batch):  # the one inference path's logits (flip, scales, tag gate, CRF), before threshold and gate
+        logits = predict_masks(model, batch["image"], PredictSettings.of(cfg.eval, gate_threshold=0.0), g).logits
         return lambda t: model.predict_labels(logits, t)
     return search_threshold(cfg, num_labels, CAM_THRESHOLDS, prepare)
 
@@ -81,7 +82,7 @@ def choose_gate_threshold(model, g, cfg: Config, num_labels: int, fg_threshold: 
     """The preserve gate's threshold chosen on the CAM split by mIoU; 0 (no gate) is one of the candidates."""
     def prepare(batch):
         pred = predict_masks(model, batch["image"], PredictSettings.of(cfg.eval, fg_threshold=fg_threshold,
-                                                                       gate_threshold=0.0)).labels
+                                                                       gate_threshold=0.0), g).labels
         scores = preserve_scores(g, batch["image"], pred, num_labels - 1, cfg.objective)
         return lambda t: apply_gate(pred, scores, t)
     return search_threshold(cfg, num_labels, [0.0, *CAM_THRESHOLDS], prepare)
@@ -102,7 +103,7 @@ def choose_thresholds(cfg: Config, model, g, classes: list[str]) -> dict:
     threshold, curve = choose_cam_threshold(g, cfg, num_labels)
     fg_threshold, fg_curve = cfg.eval.fg_threshold, {}
     if model is not None and cfg.eval.fg_threshold_from_val:
-        fg_threshold, fg_curve = choose_fg_threshold(model, cfg, num_labels)
+        fg_threshold, fg_curve = choose_fg_threshold(model, cfg, num_labels, g)
     gate_threshold, gate_curve = cfg.eval.gate_threshold, {}
     if model is not None and cfg.eval.gate_threshold_from_val:
         gate_threshold, gate_curve = choose_gate_threshold(model, g, cfg, num_labels, fg_threshold)

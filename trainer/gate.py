@@ -40,3 +40,32 @@ def apply_gate(pred: torch.Tensor, scores: torch.Tensor, threshold: float) -> to
         if drop.any():
             out[drop] = torch.where(out[drop] == c + 1, torch.zeros_like(out[drop]), out[drop])
     return out
+
+
+# ---- the tag gate: g's image-level prediction removes the classes it does not see ----
+
+FLOOR = -1e4  # the logit a removed class component keeps (its mass went to background)
+
+
+@torch.no_grad()
+def absent_classes(g, images: torch.Tensor, threshold: float) -> torch.Tensor:
+    """B×C bool: the classes whose whole-image probability σ(g(I))_c is below `threshold` (what CAM's
+    tag-free rows already use, at 0.5: `cam.cam_scores`)."""
+    return torch.sigmoid(g(images)).float() < threshold
+
+
+def remove_classes(logits: torch.Tensor, absent: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mask logits B×K×H×W with every absent class component's mass moved to the first background component
+    (its logit → logaddexp(bg, class), the class's → FLOOR): the softmax of the others is unchanged, so
+    the foreground threshold and argmax then decide among the classes g sees. Images with no absent class
+    are returned as they are."""
+    if not absent.any():
+        return logits
+    out = logits.clone()
+    C = num_classes
+    for c in range(C):
+        rows = absent[:, c].to(logits.device)
+        if rows.any():
+            out[rows, C] = torch.logaddexp(out[rows, C], out[rows, c])
+            out[rows, c] = FLOOR
+    return out

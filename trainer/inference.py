@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import Config, EvalConfig, ObjectiveConfig
 from .crf import CRFSettings, refine_logits
-from .gate import apply_gate, preserve_scores
+from .gate import absent_classes, apply_gate, preserve_scores, remove_classes
 from .images import image_tensor, pad_to_multiple, resize_for_model
 from .models import mask_logits
 
@@ -25,6 +25,8 @@ BATCH_SIZE = 16
 @dataclass(frozen=True)
 class PredictSettings:
     """How the method predicts: `eval.flip`, `eval.fg_threshold`, `eval.gate_threshold` (0: gate off),
+    `eval.tag_threshold` (the tag gate: classes g's whole-image probability puts below it are removed before
+    the CRF and the threshold; 0: off),
     `eval.scales` (multi-scale test-time augmentation; (1.0,): none), `eval.crf_*` (dense-CRF refinement of
     the averaged masks; off by default)."""
     flip: bool = True
@@ -32,11 +34,18 @@ class PredictSettings:
     gate_threshold: float = 0.0
     scales: tuple[float, ...] = (1.0,)
     crf: CRFSettings = CRFSettings()
+    tag_threshold: float = 0.0
+
+    @property
+    def needs_g(self) -> bool:
+        """Whether predicting needs the frozen classifier g (the preserve gate or the tag gate is on)."""
+        return self.gate_threshold > 0 or self.tag_threshold > 0
 
     @classmethod
     def of(cls, ecfg: EvalConfig, **changes) -> "PredictSettings":
         values = {"flip": ecfg.flip, "fg_threshold": ecfg.fg_threshold, "gate_threshold": ecfg.gate_threshold,
-                  "scales": tuple(float(s) for s in ecfg.scales), "crf": CRFSettings.of(ecfg)}
+                  "scales": tuple(float(s) for s in ecfg.scales), "crf": CRFSettings.of(ecfg),
+                  "tag_threshold": ecfg.tag_threshold}
         return cls(**{**values, **changes})
 
 
@@ -86,14 +95,16 @@ def predict_masks(model, images: torch.Tensor, settings: PredictSettings, g=None
     """The method's prediction for a batch at the model's size. With the gate on, the frozen `g` scores each
     predicted class region on its own (with `objective`'s fill). `net_out`: the forward on `images` already run."""
     C = model.num_classes
-    logits = refine_logits(mask_logits(model, images, settings.flip, net_out, settings.scales), images, C,
-                           settings.crf)
+    if settings.needs_g and (g is None or (settings.gate_threshold > 0 and objective is None)):
+        raise ValueError("the preserve gate (gate_threshold > 0) needs the frozen classifier g and the "
+                         "objective config (its fill); the tag gate (tag_threshold > 0) needs g")
+    logits = mask_logits(model, images, settings.flip, net_out, settings.scales)
+    if settings.tag_threshold > 0:
+        logits = remove_classes(logits, absent_classes(g, images, settings.tag_threshold), C)
+    logits = refine_logits(logits, images, C, settings.crf)
     labels = model.predict_labels(logits, settings.fg_threshold)
     scores = torch.full((images.shape[0], C), float("nan"))
     if settings.gate_threshold > 0:
-        if g is None or objective is None:
-            raise ValueError("the preserve gate (gate_threshold > 0) needs the frozen classifier g and the "
-                             "objective config (its fill)")
         scores = preserve_scores(g, images, labels, C, objective)
         labels = apply_gate(labels, scores, settings.gate_threshold)
     return MaskPrediction(logits, labels, scores, C, settings)
@@ -130,16 +141,16 @@ class _Predictor:
 
 @dataclass
 class SegmenterPredictor(_Predictor):
-    """The segmenter, and the frozen g with the preserve gate's threshold when the gate is on."""
+    """The segmenter, and the frozen g with the preserve gate's threshold when a gate (preserve or tag) is on."""
     g: torch.nn.Module | None = None
     gate_threshold: float = 0.0
     kind: str = "segmenter"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.gate_threshold > 0 and self.g is None:
-            raise ValueError(f"the preserve gate (threshold {self.gate_threshold}) needs the frozen classifier g; "
-                             "none was given")
+        if PredictSettings.of(self.cfg.eval, gate_threshold=self.gate_threshold).needs_g and self.g is None:
+            raise ValueError(f"the preserve gate (threshold {self.gate_threshold}) or the tag gate (threshold "
+                             f"{self.cfg.eval.tag_threshold}) needs the frozen classifier g; none was given")
         if self.g is not None:
             self.g.eval()
 

@@ -21,7 +21,7 @@ from data_shards.manifest import open_url
 from .config import Config
 from .files import run_dir
 from .images import ModelInputError, decode_image
-from .inference import BATCH_SIZE, SegmenterPredictor
+from .inference import BATCH_SIZE, PredictSettings, SegmenterPredictor
 from .model_uri import download, is_model_uri
 from .models import FrozenClassifier
 from .pyfunc import load_model_dir
@@ -146,7 +146,8 @@ def gate_classifier_path(segmenter: Path, cfg: Config, classifier: str | None = 
         if path.is_file():
             return path
     raise FileNotFoundError(f"the segmenter {segmenter} gates its masks with g (eval.gate_threshold = "
-                            f"{cfg.eval.gate_threshold}) but g's weights are in none of "
+                            f"{cfg.eval.gate_threshold}, eval.tag_threshold = {cfg.eval.tag_threshold}) but g's "
+                            "weights are in none of "
                             f"{', '.join(dict.fromkeys(map(str, candidates)))}: pass --classifier PATH")
 
 
@@ -160,7 +161,7 @@ def load_predictor(uri: str, cache_dir: str | Path | None = None, classifier: st
             return load_model_dir(path)
         if path.is_file():
             model, cfg, classes = load_segmenter(path)
-            if cfg.eval.gate_threshold <= 0:
+            if not PredictSettings.of(cfg.eval).needs_g:
                 return SegmenterPredictor(model, cfg, classes)
             g = FrozenClassifier(load_classifier(gate_classifier_path(path, cfg, classifier), len(classes)))
             return SegmenterPredictor(model, cfg, classes, g=g, gate_threshold=cfg.eval.gate_threshold)

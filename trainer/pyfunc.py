@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import Config, config_from_dict
 from .images import ModelInputError, model_input_images
-from .inference import ClassifierPredictor, SegmenterPredictor
+from .inference import ClassifierPredictor, PredictSettings, SegmenterPredictor
 from .models import FrozenClassifier
 from .weights import load_classifier, load_segmenter
 
@@ -161,7 +161,7 @@ def save_model(path: str, mlflow_model=None, *, kind: str, weights: str | Path, 
                gate_weights: str | Path | None = None, **_: Any) -> None:
     """Write a wsssrec model folder: data/<weights> + data/wsssrec.json, extra files (config.yaml,
     manifest.json, metrics.json ...) at the top, MLmodel with both flavours and the signature. A segmenter
-    whose config turns the preserve gate on (`eval.gate_threshold` > 0) also carries g (`gate_weights`, its
+    whose config turns a gate on (`eval.gate_threshold` or `eval.tag_threshold` > 0) also carries g (`gate_weights`, its
     classifier.pt) as data/classifier.pt, so that the model predicts as `wsssrec eval` scored it."""
     import mlflow
     import yaml
@@ -170,11 +170,12 @@ def save_model(path: str, mlflow_model=None, *, kind: str, weights: str | Path, 
 
     if kind not in WEIGHTS_FILE:
         raise ValueError(f"model kind {kind!r}; expected one of {', '.join(WEIGHTS_FILE)}")
-    gate = kind == "segmenter" and cfg.eval.gate_threshold > 0
+    gate = kind == "segmenter" and PredictSettings.of(cfg.eval).needs_g
     if gate and (gate_weights is None or not Path(gate_weights).is_file()):
         raise FileNotFoundError(f"the segmenter's config sets eval.gate_threshold = {cfg.eval.gate_threshold} "
-                                f"(the preserve gate), so its model must carry g; g's checkpoint {gate_weights} "
-                                "does not exist (set classifier.checkpoint=PATH, or eval.gate_threshold=0)")
+                                f"(the preserve gate) or eval.tag_threshold = {cfg.eval.tag_threshold} (the tag "
+                                f"gate), so its model must carry g; g's checkpoint {gate_weights} does not exist "
+                                "(set classifier.checkpoint=PATH, or both thresholds to 0)")
     root = Path(path)
     (root / DATA_DIR).mkdir(parents=True, exist_ok=False)
     shutil.copyfile(weights, root / DATA_DIR / WEIGHTS_FILE[kind])
