@@ -105,3 +105,22 @@ def test_occlusion_by_paste_order_is_exact():
         assert meta["labels"] == sorted({int(v) - 1 for v in np.unique(expected) if v})
         top = mask == 4
         assert top.any() and np.all(np.abs(image[top].astype(int) - round(0.9 * 255)) <= 1)
+
+
+@pytest.mark.parametrize("name, classes", [("toy-multi", 4), ("toy-multi8", 8)])
+def test_demo_builds_the_configs_toy_set(tmp_path, name, classes):
+    """`wsssrec demo -c configs/toy_multi.yaml` (toy.name) builds toy-multi where data.url is missing, not
+    toy-birds; an existing manifest is left alone."""
+    from trainer.cli import ensure_toy_data
+    from trainer.config import load_config
+
+    config = "configs/toy_multi.yaml" if name == "toy-multi" else "configs/toy_multi8.yaml"
+    url = tmp_path / "set" / "manifest.json"
+    cfg = load_config(config, [f"data.url={url}", "toy.size=32", "toy.train=8", "toy.val=4", "toy.test=4"])
+    assert cfg.toy.name == name
+    ensure_toy_data(cfg)
+    manifest = read_manifest(str(url))
+    assert len(manifest.classes) == classes
+    before = url.stat().st_mtime_ns
+    ensure_toy_data(cfg)
+    assert url.stat().st_mtime_ns == before

@@ -50,7 +50,8 @@ class DataConfig:
 
 @dataclass
 class ToyConfig:
-    """How `wsssrec demo` builds toy-birds when `data.url` does not exist yet."""
+    """How `wsssrec demo` builds its toy data set when `data.url` does not exist yet."""
+    name: str = "toy-birds"  # toy-birds | toy-multi | toy-multi8 (`wsssrec data NAME`)
     seed: int = 0
     size: int = 96
     rho: float = 0.9
@@ -228,6 +229,7 @@ CHOICES = {
     "model.init_from_head": ("skip", "binary"),
     "classifier.train_layers": ("all", "head"),
     "objective.preset": ("paper", "preserve_delete", "cam_pseudo", "self_train"),
+    "toy.name": ("toy-birds", "toy-multi", "toy-multi8"),
     "objective.cls_input": ("imagelet", "image"),
     "objective.mask_sampling": ("soft", "straight_through", "gumbel"),
     "objective.fill": ("blur", "shuffle"),
