@@ -34,6 +34,9 @@ def test_toy_multi_sweep_searches_the_per_class_terms():
     assert dims["objective.class_area_min"] == ("uniform", [0.02, 0.12])
     assert dims["model.class_init_area"] == ("uniform", [0.02, 0.12])
     assert dims["objective.class_area_floor"] == ("choice", ["hinge", "log"])
+    assert dims["objective.cam_weight"] == ("loguniform", [0.3, 3.0])
+    assert dims["objective.cam_steps"] == ("choice", [0, 150, 300])
+    assert dims["objective.cam_high"] == ("uniform", [0.5, 0.8])
     assert len(search_space(sweep.settings, 4)) == len(dims)
     # the first trial is the experiment's own setting, per-class terms included
     first = start_points(sweep.settings, sweep.experiment, 4)[0]
@@ -41,3 +44,4 @@ def test_toy_multi_sweep_searches_the_per_class_terms():
     assert own["objective.class_area_weight"] == 8.0 and own["objective.class_area_min"] == 0.08
     assert own["objective.class_area_floor"] == "log" and own["model.class_init_area"] == 0.08
     assert own["objective.area_weight"] == 2.0
+    assert own["objective.cam_weight"] == 1.0 and own["objective.cam_steps"] == 150 and own["objective.cam_high"] == 0.6
