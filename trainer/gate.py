@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .config import ObjectiveConfig
+from .crf import FLOOR  # the logit a removed class component keeps (its mass went to background)
 from .losses import fill_image, preserved
 
 
@@ -43,9 +44,6 @@ def apply_gate(pred: torch.Tensor, scores: torch.Tensor, threshold: float) -> to
 
 
 # ---- the tag gate: g's image-level prediction removes the classes it does not see ----
-
-FLOOR = -1e4  # the logit a removed class component keeps (its mass went to background)
-
 
 @torch.no_grad()
 def absent_classes(g, images: torch.Tensor, threshold: float) -> torch.Tensor:
