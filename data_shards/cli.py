@@ -16,17 +16,12 @@ def _toy(args: argparse.Namespace) -> None:
     if args.only:
         _toy_only(args)
         return
-    paired = {"paired": args.paired} if args.data_command == "toy-birds" else {}
-    if args.data_command == "toy-multi":
-        from .toy_multi import build_toy_multi as build
-    elif args.data_command == "toy-multi8":
-        from .toy_multi8 import build_toy_multi8 as build
-    else:
-        from .toy_birds import build_toy_birds as build
+    from .toys import build_toy
 
     counts = {"train": args.train, "val": args.val, "test_aligned": args.test, "test_conflict": args.test}
-    path = build(args.out, seed=args.seed, size=args.size or 96, rho=args.rho, counts=counts,
-                 cache_dir=args.cache_dir, maxcount=args.maxcount, **paired)
+    path = build_toy(args.data_command, args.out, seed=args.seed, size=args.size or 96, rho=args.rho,
+                     counts=counts, cache_dir=args.cache_dir, maxcount=args.maxcount,
+                     paired=args.paired)
     print(f"wrote {args.data_command} to {path}")
     _print_manifest(path)
 

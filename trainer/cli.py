@@ -123,24 +123,17 @@ def ensure_toy_data(cfg) -> None:
     """`wsssrec demo` on a data URL without a manifest builds the config's toy set (`toy.name`: toy-birds,
     toy-multi or toy-multi8) there (local path or s3://)."""
     from data_shards.manifest import manifest_url, url_exists
+    from data_shards.toys import build_toy
 
     if url_exists(manifest_url(cfg.data.url)):
         return
     url = cfg.data.url.rstrip("/")
     out_dir = url.rsplit("/", 1)[0] if url.endswith(".json") else url
     print(f"building {cfg.toy.name} in {out_dir}")
-    counts = {"train": cfg.toy.train, "val": cfg.toy.val, "test_aligned": cfg.toy.test, "test_conflict": cfg.toy.test}
-    if cfg.toy.name == "toy-birds":
-        from data_shards.toy_birds import build_toy_birds
-
-        build_toy_birds(str(out_dir), seed=cfg.toy.seed, size=cfg.toy.size, rho=cfg.toy.rho, counts=counts,
-                        paired=cfg.toy.paired)
-        return
-    if cfg.toy.name == "toy-multi":
-        from data_shards.toy_multi import build_toy_multi as build
-    else:
-        from data_shards.toy_multi8 import build_toy_multi8 as build
-    build(str(out_dir), seed=cfg.toy.seed, size=cfg.toy.size, rho=cfg.toy.rho, counts=counts)
+    build_toy(cfg.toy.name, str(out_dir), seed=cfg.toy.seed, size=cfg.toy.size, rho=cfg.toy.rho,
+              counts={"train": cfg.toy.train, "val": cfg.toy.val, "test_aligned": cfg.toy.test,
+                      "test_conflict": cfg.toy.test},
+              paired=cfg.toy.paired)
 
 
 def demo_stages(cfg, parent, registers: bool, retrain_classifier: bool):

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from data_shards.toys import TOY_SETS
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -229,7 +231,7 @@ CHOICES = {
     "model.init_from_head": ("skip", "binary"),
     "classifier.train_layers": ("all", "head"),
     "objective.preset": ("paper", "preserve_delete", "cam_pseudo", "self_train"),
-    "toy.name": ("toy-birds", "toy-multi", "toy-multi8"),
+    "toy.name": TOY_SETS,
     "objective.cls_input": ("imagelet", "image"),
     "objective.mask_sampling": ("soft", "straight_through", "gumbel"),
     "objective.fill": ("blur", "shuffle"),

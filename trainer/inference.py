@@ -95,9 +95,11 @@ def predict_masks(model, images: torch.Tensor, settings: PredictSettings, g=None
     """The method's prediction for a batch at the model's size. With the gate on, the frozen `g` scores each
     predicted class region on its own (with `objective`'s fill). `net_out`: the forward on `images` already run."""
     C = model.num_classes
-    if settings.needs_g and (g is None or (settings.gate_threshold > 0 and objective is None)):
-        raise ValueError("the preserve gate (gate_threshold > 0) needs the frozen classifier g and the "
-                         "objective config (its fill); the tag gate (tag_threshold > 0) needs g")
+    if settings.needs_g and g is None:
+        raise ValueError("the preserve gate (gate_threshold > 0) and the tag gate (tag_threshold > 0) each needs g, "
+                         "the frozen classifier")
+    if settings.gate_threshold > 0 and objective is None:
+        raise ValueError("the preserve gate (gate_threshold > 0) needs the objective config (its fill)")
     logits = mask_logits(model, images, settings.flip, net_out, settings.scales)
     if settings.tag_threshold > 0:
         logits = remove_classes(logits, absent_classes(g, images, settings.tag_threshold), C)
