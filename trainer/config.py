@@ -127,6 +127,8 @@ class ObjectiveConfig:
     class_area_max: float = 0.4  # L_class_area: most area of a tagged class
     class_area_absent: float = 0.0  # L_class_area: most area of an untagged class before it pays
     class_area_floor: str = "hinge"  # L_class_area below class_area_min: "hinge" (linear) | "log" (log-area)
+    class_rank_weight: float = 0.0  # preserve_delete, C > 1: ranked area bounds (the top class_area_min of a tagged
+    # class's sorted mask values 1, those after class_area_max 0; Fong et al. 2019), × lambda_m; 0 = off
     edge_aware_tv: float = 0.0  # > 0: TV weight exp(-|∇I|·edge_aware_tv) (cuts allowed on image edges)
     recon_weight: float = 10.0
     paste_weight: float = 0.0  # preserve_delete: background-swap consistency L_paste (0 = off)

@@ -371,3 +371,31 @@ def L_class_area(M: torch.Tensor, y: torch.Tensor, a_min: float, a_max: float, a
     tagged = below + F.relu(a - a_max)
     untagged = F.relu(a - absent_max)
     return (y * tagged + (1 - y) * untagged).sum(dim=1).mean()
+
+
+def L_class_rank(M: torch.Tensor, y: torch.Tensor, a_min: float, a_max: float,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Ranked area bounds for the tagged classes (the area constraint of Fong et al., "Understanding deep
+    networks via extremal perturbations and smooth masks", ICCV 2019): sort a tagged class's mask values over
+    the image, v_1 ≥ v_2 ≥ …; the top ⌈a_min·N⌉ should be 1 and everything after the ⌈a_max·N⌉-th 0,
+    mean (1 − v_i)² over the first plus mean v_i² over the tail. L_class_area bounds the *mean* of M_c, which a
+    component spread thinly over the whole image (every pixel ≈ a_min, winning none) satisfies; this asks that
+    a_min of the image be the class's with confidence, so a diffuse component pays and must commit somewhere.
+    Untagged classes are left to L_class_area. Sum over classes, mean over images
+    (`objective.class_rank_weight`, × λ_m); over the `valid` pixels of each image (None: every pixel)."""
+    B, C = y.shape
+    m = M[:, :C].flatten(2)  # B×C×N
+    n = torch.full((B,), m.shape[-1], dtype=torch.long, device=M.device)
+    if valid is not None:
+        keep = valid.flatten(1).to(m.dtype)
+        m = m * keep.unsqueeze(1)  # padding as 0: sorts into the tail, where it adds nothing
+        n = keep.sum(1).long()
+    v = m.sort(dim=-1, descending=True).values
+    rank = torch.arange(v.shape[-1], device=M.device)
+    k_min = torch.ceil(a_min * n.to(v.dtype)).long().clamp(min=1)
+    k_max = torch.ceil(a_max * n.to(v.dtype)).long()
+    top = (rank[None, :] < k_min[:, None]).to(v.dtype)[:, None]  # B×1×N
+    tail = ((rank[None, :] >= k_max[:, None]) & (rank[None, :] < n[:, None])).to(v.dtype)[:, None]
+    below = ((1 - v) ** 2 * top).sum(-1) / top.sum(-1).clamp_min(1)
+    above = (v ** 2 * tail).sum(-1) / tail.sum(-1).clamp_min(1)
+    return (y * (below + above)).sum(dim=1).mean()

@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 
 from .config import ObjectiveConfig
-from .losses import (Classifier, L_absent, L_area, L_binary, L_class_area, L_cls, L_delete, L_delete_tagged, L_erase,
-                     L_mask, L_negative, L_paste, L_preserve, L_pseudo, L_recon, L_tv, classifier_rows, deleted,
-                     cam_schedule, erase_schedule, fill_image, foreground, mask_lets, preserved, reconstruction)
+from .losses import (Classifier, L_absent, L_area, L_binary, L_class_area, L_class_rank, L_cls, L_delete,
+                     L_delete_tagged, L_erase, L_mask, L_negative, L_paste, L_preserve, L_pseudo, L_recon, L_tv,
+                     classifier_rows, deleted, cam_schedule, erase_schedule, fill_image, foreground, mask_lets,
+                     preserved, reconstruction)
 
 Terms = dict[str, torch.Tensor]
 
@@ -63,6 +64,10 @@ OPTIONAL_TERMS: tuple[OptionalTerm, ...] = (
                  lambda ctx: L_class_area(ctx["M"], ctx["y"], ctx["cfg"].class_area_min, ctx["cfg"].class_area_max,
                                           ctx["cfg"].class_area_absent, ctx["cfg"].class_area_floor,
                                           ctx["valid"])),
+    OptionalTerm("L_class_rank", lambda cfg, step: cfg.lambda_m * cfg.class_rank_weight,
+                 lambda cfg, step: cfg.class_rank_weight > 0,
+                 lambda ctx: L_class_rank(ctx["M"], ctx["y"], ctx["cfg"].class_area_min, ctx["cfg"].class_area_max,
+                                          ctx["valid"])),
     OptionalTerm("L_binary", lambda cfg, step: cfg.lambda_m * cfg.binary_weight,
                  lambda cfg, step: cfg.binary_weight > 0, lambda ctx: L_binary(ctx["M_fg"], ctx["valid"])),
     OptionalTerm("L_negative", lambda cfg, step: cfg.lambda_m * cfg.negative_weight,
@@ -101,7 +106,7 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
                               step: int | None = None, valid: torch.Tensor | None = None) -> Terms:
     """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
     + tv_weight·L_tv) + recon_weight·L_recon + λ_m·(absent_weight·L_absent + class_area_weight·L_class_area
-    + binary_weight·L_binary + negative_weight·L_negative)
+    + class_rank_weight·L_class_rank + binary_weight·L_binary + negative_weight·L_negative)
     + paste_weight·L_paste + erase_weight·erase_schedule(step)·L_erase + cam_weight·cam_schedule(step)·L_cam
     (paste, erase and cam only while training, given the mask network `segment`; L_erase only once its schedule
     has started, L_cam only until its schedule has faded to 0).
