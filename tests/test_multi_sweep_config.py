@@ -34,6 +34,7 @@ def test_toy_multi_sweep_searches_the_per_class_terms():
     assert dims["objective.class_area_min"] == ("uniform", [0.02, 0.12])
     assert dims["model.class_init_area"] == ("uniform", [0.02, 0.12])
     assert dims["objective.class_area_floor"] == ("choice", ["hinge", "log"])
+    assert dims["objective.class_rank_weight"] == ("loguniform", [0.5, 8.0])
     assert dims["objective.cam_weight"] == ("loguniform", [0.3, 3.0])
     assert dims["objective.cam_steps"] == ("choice", [0, 150, 300])
     assert dims["objective.cam_high"] == ("uniform", [0.5, 0.8])
