@@ -44,5 +44,5 @@ def test_toy_multi_sweep_searches_the_per_class_terms():
     own = {d.key: first[d.name] for d in dimensions(sweep.settings.search)}
     assert own["objective.class_area_weight"] == 8.0 and own["objective.class_area_min"] == 0.08
     assert own["objective.class_area_floor"] == "log" and own["model.class_init_area"] == 0.08
-    assert own["objective.area_weight"] == 2.0
+    assert own["objective.area_weight"] == 2.0 and own["objective.class_rank_weight"] == 2.0
     assert own["objective.cam_weight"] == 1.0 and own["objective.cam_steps"] == 150 and own["objective.cam_high"] == 0.6
