@@ -56,3 +56,37 @@ def test_init_from_missing_file_is_a_config_error(tmp_path):
     cfg.model.init_from = str(tmp_path / "nope.pt")
     with pytest.raises(ConfigError, match="model.init_from"):
         resolve_init_from(cfg)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_start_from_keeps_a_frozen_g_trunk_encoder_of_this_run(tmp_path, trainable):
+    """The binary model's encoder is its own g's trunk. A run whose encoder is *its* g's trunk, frozen, keeps that
+    trunk (loading the other g's would leave the mask network reading features this run's g never made) and
+    loads everything else; a trainable encoder is loaded from the checkpoint like any other layer."""
+    from trainer.effnet import EfficientNetLite
+    from trainer.weights import build_segmenter
+
+    model_cfg = dict(encoder="efficientnet", decoder_widths=[8, 8, 8, 8, 8], bottleneck=8)
+    torch.manual_seed(0)
+    binary_cfg = Config()
+    binary_cfg.model = ModelConfig(**model_cfg)
+    binary = build_segmenter(binary_cfg, 1, EfficientNetLite(num_classes=1))
+    path = tmp_path / "segmenter.pt"
+    save_segmenter(binary, binary_cfg, ["bird"], path)
+    torch.manual_seed(1)
+    cfg = Config()
+    cfg.model = ModelConfig(**model_cfg, encoder_trainable=trainable, init_from=str(path), init_from_head="binary")
+    own_g = EfficientNetLite(num_classes=4)
+    multi = build_segmenter(cfg, 4, own_g)
+    before = {k: v.clone() for k, v in multi.state_dict().items()}
+    tags = start_from(multi, cfg, {"init_from": str(path)}, tmp_path)
+    after, source = multi.state_dict(), binary.state_dict()
+    encoder = [k for k in after if k.startswith("encoder.")]
+    decoder = [k for k in after if k.startswith("mask_decoder.stages") or k.startswith("mask_decoder.up")]
+    assert len(encoder) > 50 and decoder
+    assert not torch.equal(before[encoder[0]], source[encoder[0]])  # the two g's trunks differ to begin with
+    for key in encoder:
+        assert torch.equal(after[key], before[key] if not trainable else source[key]), key
+    for key in decoder:
+        assert torch.equal(after[key], source[key]), key
+    assert tags["init_from.kept"] == (0 if trainable else len(encoder))

@@ -26,13 +26,20 @@ from .weights import build_segmenter, init_from_checkpoint, load_frozen_g, save_
 
 def start_from(model: Segmenter, cfg: Config, lineage: dict[str, str], out: Path) -> dict[str, str]:
     """`model.init_from`: load the matching tensors, print what was loaded and skipped, keep the report and the
-    lineage in <run dir>/init_from.json; returns the MLflow tags for the run."""
-    report = init_from_checkpoint(model, cfg.model.init_from, cfg.model.init_from_head)
+    lineage in <run dir>/init_from.json; returns the MLflow tags for the run. An encoder that is g's trunk and
+    stays frozen for the whole run is kept: it is this run's g's trunk, while the checkpoint's is the trunk of the
+    g *it* was trained with (a binary toy-birds g, say), and frozen it would never adapt to this run's g
+    (2026-12-06: loading it cost toy-multi 0.08 test_conflict mIoU, docs/results.md)."""
+    frozen_g_trunk = (hasattr(model.encoder, "trunk") and not model.encoder.trainable
+                      and cfg.model.encoder_init != "imagenet" and cfg.model.encoder_unfreeze_step < 0)
+    report = init_from_checkpoint(model, cfg.model.init_from, cfg.model.init_from_head,
+                                  keep=("encoder.",) if frozen_g_trunk else ())
     lineage = lineage or {"init_from": cfg.model.init_from}
     loaded = set(report["loaded"])
     n_loaded = sum(own.numel() for k, own in model.state_dict().items() if k in loaded)
     print(f"init_from {lineage['init_from']}: loaded {len(report['loaded'])} tensors ({n_loaded} values), "
-          f"skipped {len(report['skipped'])} (shape mismatch), {len(report['missing'])} not in the checkpoint")
+          f"skipped {len(report['skipped'])} (shape mismatch), {len(report['missing'])} not in the checkpoint"
+          + (f", kept this run's frozen g-trunk encoder ({len(report['kept'])} tensors)" if report["kept"] else ""))
     for line in report["skipped"]:
         print(f"  skipped {line}")
     for key in report["missing"]:
@@ -41,7 +48,7 @@ def start_from(model: Segmenter, cfg: Config, lineage: dict[str, str], out: Path
         print(f"  copied {line} (model.init_from_head=binary)")
     write_json(out / "init_from.json", {"lineage": lineage, **report})
     return {**lineage, "init_from.loaded": len(report["loaded"]), "init_from.skipped": len(report["skipped"]),
-            "init_from.missing": len(report["missing"])}
+            "init_from.missing": len(report["missing"]), "init_from.kept": len(report["kept"])}
 
 
 def unfreeze_encoder(model: Segmenter, optimizer, lr: float) -> None:

@@ -135,14 +135,17 @@ def load_segmenter(path: str | Path, g_net: EfficientNetLite | None = None) -> t
 MASK_HEAD_KEYS = ("mask_decoder.head.weight", "mask_decoder.head.bias")
 
 
-def init_from_checkpoint(model: Segmenter, path: str | Path, head: str = "skip") -> dict[str, list[str]]:
+def init_from_checkpoint(model: Segmenter, path: str | Path, head: str = "skip",
+                         keep: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """Copy every tensor of a segmenter checkpoint (a segmenter.pt, or a bare state_dict) whose name and shape
     match into `model` (the shared encoder, decoder stages). A mask head for another K or C does not match:
     with `head` "skip" it keeps its fresh initialisation; with "binary" (`model.init_from_head`; the checkpoint
     must be a binary segmenter.pt) its rows come from the binary head, the foreground row into every class row
     and the background rows into the background rows (`multiclass.binary_head_rows`), so every class starts
-    with the binary model's foreground logits. Returns the key names: loaded, skipped (shape mismatch), missing
-    (not in the checkpoint), unused (only there), and with "binary" `copied` (the head, row by row)."""
+    with the binary model's foreground logits. Tensors whose names start with one of `keep` stay as they are
+    (`train.start_from` keeps a frozen g-trunk encoder: it is this run's g's by construction). Returns the key
+    names: loaded, skipped (shape mismatch), missing (not in the checkpoint), unused (only there), kept, and with
+    "binary" `copied` (the head, row by row)."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     source = blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
     if head == "binary":
@@ -153,10 +156,13 @@ def init_from_checkpoint(model: Segmenter, path: str | Path, head: str = "skip")
         rows = binary_head_rows(model.num_classes, model.K, source[MASK_HEAD_KEYS[0]].shape[0])
         source = {**source, **{key: source[key][rows] for key in MASK_HEAD_KEYS}}
     own = model.state_dict()
-    report: dict[str, list[str]] = {"loaded": [], "skipped": [], "missing": [], "unused": sorted(set(source) - set(own))}
+    report: dict[str, list[str]] = {"loaded": [], "skipped": [], "missing": [], "unused": sorted(set(source) - set(own)),
+                                    "kept": []}
     matched = {}
     for key, tensor in own.items():
-        if key not in source:
+        if key.startswith(keep) and keep:
+            report["kept"].append(key)
+        elif key not in source:
             report["missing"].append(key)
         elif source[key].shape != tensor.shape:
             report["skipped"].append(f"{key} {tuple(source[key].shape)} -> {tuple(tensor.shape)}")
