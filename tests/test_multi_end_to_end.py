@@ -114,7 +114,11 @@ def test_init_from_the_champion_is_reported_and_recorded(multi_run):
     record = json.loads((run / "init_from.json").read_text())
     assert record["skipped"] == ["mask_decoder.head.weight (2, 16, 1, 1) -> (5, 16, 1, 1)",
                                  "mask_decoder.head.bias (2,) -> (5,)"]
-    assert any(k.startswith("encoder.trunk.") for k in record["loaded"]) and record["missing"] == []
+    # the frozen encoder is this run's g's trunk, kept; the decoders come from the binary champion
+    assert record["kept"] and all(k.startswith("encoder.") for k in record["kept"]) and record["missing"] == []
+    assert not any(k.startswith("encoder.") for k in record["loaded"])
+    assert any(k.startswith("mask_decoder.") for k in record["loaded"])
+    assert seg_tags["init_from.kept"] == str(len(record["kept"]))
     # the run and the registered multi-class version both name the binary version they started from
     assert seg_tags["init_from"] == f"models:/{SEG}@champion"
     assert seg_tags["init_from.model_uri"] == f"models:/{SEG}/1" and seg_tags["init_from.model_version"] == "1"
