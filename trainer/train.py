@@ -29,7 +29,7 @@ def start_from(model: Segmenter, cfg: Config, lineage: dict[str, str], out: Path
     lineage in <run dir>/init_from.json; returns the MLflow tags for the run. An encoder that is g's trunk and
     stays frozen for the whole run is kept: it is this run's g's trunk, while the checkpoint's is the trunk of the
     g *it* was trained with (a binary toy-birds g, say), and frozen it would never adapt to this run's g
-    (2026-12-06: loading it cost toy-multi 0.08 test_conflict mIoU, docs/results.md)."""
+    (2026-12-06: loading it cost toy-multi 0.10 test_conflict mIoU, docs/results.md)."""
     frozen_g_trunk = (hasattr(model.encoder, "trunk") and not model.encoder.trainable
                       and cfg.model.encoder_init != "imagenet" and cfg.model.encoder_unfreeze_step < 0)
     report = init_from_checkpoint(model, cfg.model.init_from, cfg.model.init_from_head,

@@ -160,7 +160,7 @@ def init_from_checkpoint(model: Segmenter, path: str | Path, head: str = "skip",
                                     "kept": []}
     matched = {}
     for key, tensor in own.items():
-        if key.startswith(keep) and keep:
+        if keep and key.startswith(keep):
             report["kept"].append(key)
         elif key not in source:
             report["missing"].append(key)
