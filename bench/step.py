@@ -1,19 +1,22 @@
 """Speed of the training steps, variant against variant, measured side by side in one run: stage-2 and stage-1
 images/s of the product's own step functions (trainer.train.train_step, trainer.classifier.classifier_step,
-through a real DeepSpeed engine at world size 1) for each speed switch of trainer/accel.py on its own, the FLOPs
-of one step (torch.utils.flop_counter) and the FLOP utilisation against a 2048² fp32 matmul on the same
-threads, and whether each variant trains the same: the losses of a short run from the same weights and data
-against the fp32 baseline's.
+through a real DeepSpeed engine at world size 1) for each speed switch on its own (trainer/speedups.py's exact
+speed-ups, trainer/accel.py's channels-last / compile / bf16), the FLOPs of one step of each variant
+(torch.utils.flop_counter) and the FLOP utilisation against a 2048² fp32 matmul on the same threads, and whether
+each variant trains the same: the losses of a short run from the same weights and data against the first
+variant's.
 
-    OMP_NUM_THREADS=1 python bench/step.py [--threads 1 --rounds 5 --steps 3 --variants fp32 channels_last ...]
+    OMP_NUM_THREADS=1 python bench/step.py [--threads 1 --rounds 5 --steps 3 --variants float_batch default ...]
 
-Variants are config overrides (so the measured code is the product's): fp32 (every switch off; the batch as
-the loader gives it since 2026-12-02: uint8, a B×3×H×W view of the collated H×W×3 arrays, made float by the
-step), float_batch (fp32 with a contiguous float32 batch of the same values, as the loader gave it before),
-channels_last, bf16 (channels-last + DeepSpeed's bf16 autocast of the engine's forward; measured on CUDA only),
-compile (channels-last + torch.compile). Rounds interleave the variants, one timed block of each in turn, so a
-load change on a shared machine hits every variant alike; ratios are per round, the median is reported.
-`--dry` runs every measurement for one step (the test suite runs it).
+Variants are config overrides (so the measured code is the product's): float_batch (the step as the Speed
+issue measured it: a contiguous float32 batch, no exact speed-up, channels-last/compile/bf16 off), no_speedups
+(the loader's uint8 batch since 2026-12-02, a B×3×H×W view of the collated H×W×3 arrays made float by the step;
+no exact speed-up), one variant per exact speed-up alone (blur_matmul, aux_masks_only, aux_batched,
+frozen_no_grad, bn_folded, native_pad), default (the default config: all of them), channels_last (default + the
+weights' layout), bf16 (channels-last + DeepSpeed's bf16 autocast of the engine's forward; measured on CUDA only),
+compile (default + channels-last + torch.compile). "× no_speedups" is a speed-up's own gain. Rounds interleave
+the variants, one timed block of each in turn, so a load change on a shared machine hits every variant alike;
+ratios are per round, the median is reported. `--dry` runs every measurement for one step (the test suite runs it).
 """
 from __future__ import annotations
 
@@ -29,17 +32,26 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from trainer.speedups import SPEEDUPS  # noqa: E402
+
+OFF = ["train.channels_last=false", "train.compile=false", "train.bf16=false"]
+NONE = ["train.speedups=[]"]
 VARIANTS = {
-    "fp32": ["train.channels_last=false", "train.compile=false", "train.bf16=false"],
+    # the step as the Speed issue measured it: a contiguous float32 batch, no exact speed-up
+    "float_batch": OFF + NONE,
+    "no_speedups": OFF + NONE,  # the loader's uint8 batch (2026-12-02), no exact speed-up
+    # each exact speed-up of trainer/speedups.py on its own, over no_speedups
+    **{name: OFF + [f"train.speedups=[{name}]"] for name in SPEEDUPS},
+    "default": OFF,  # the default config: every exact speed-up on
     "channels_last": ["train.channels_last=true", "train.compile=false", "train.bf16=false"],
     "bf16": ["train.channels_last=true", "train.compile=false", "train.bf16=true"],
     "compile": ["train.channels_last=true", "train.compile=true", "train.bf16=false"],
 }
-VARIANTS = {"float_batch": VARIANTS["fp32"], **VARIANTS}  # fp32's switches, the old loader's batch (LAYOUTS)
 
 # the batch each variant gets: "loader" (uint8, channels-last strides: today's loader) or "float" (contiguous
 # float32 of the same values: the loader before its uint8 batches)
 LAYOUTS = {"float_batch": "float"}
+DEFAULT_VARIANTS = ["float_batch", "no_speedups", *SPEEDUPS, "default", "compile"]
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -126,8 +138,10 @@ class Stage2:
         self.engine.train()
 
     def step(self, step: int = 300) -> float:
+        from trainer import speedups
         from trainer.train import train_step
 
+        speedups.configure(self.cfg)  # process-wide: each variant's own
         return train_step(self.engine, self.g, self.cfg, iter([self.batch]), 1, step)["loss"]
 
 
@@ -148,8 +162,10 @@ class Stage1:
         self.engine.train()
 
     def step(self, step: int = 0) -> float:
+        from trainer import speedups
         from trainer.classifier import classifier_step
 
+        speedups.configure(self.cfg)
         return classifier_step(self.engine, self.batch, self.cfg, (0, step, 0, 0))
 
 
@@ -167,22 +183,26 @@ def measure(stage: str, args, device: torch.device, variants: list[str]) -> dict
     batch = args.batch if stage == "stage2" else args.classifier_batch
     runners = {v: kind(_config(args.config, VARIANTS[v] + args.override), device, batch, LAYOUTS.get(v, "loader"))
                for v in variants}
-    flops = step_flops(kind(_config(args.config, VARIANTS["fp32"] + args.override), device, batch))
     losses = {}
-    for v, runner in runners.items():  # the same random draws (g's dropout in stage 1) for every variant
+    for v, runner in runners.items():  # from the same weights, the same random draws (g's dropout in stage 1)
         torch.manual_seed(1234)
         losses[v] = [runner.step(step) for step in range(args.check_steps)]
+    flops = {v: step_flops(runner) for v, runner in runners.items()}  # the work each variant does
     for runner in runners.values():  # warm-up (compile happens here)
         runner.step()
     times = interleaved_times(runners, args.rounds, args.steps, device)
     base = variants[0]
-    out = {"flops_per_step": flops, "batch": batch, "variants": {}}
+    out = {"flops_per_step": flops[base], "batch": batch, "variants": {}}
     for v in variants:
         seconds = statistics.median(times[v])
         ratio = statistics.median(b / t for b, t in zip(times[base], times[v]))
         drift = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses[v], losses[base]))
         out["variants"][v] = {"s_per_step": seconds, "img_s": batch / seconds, "speedup": ratio,
-                              "gflop_s": flops / seconds / 1e9, "max_rel_loss_diff": drift}
+                              "flops_per_step": flops[v], "gflop_s": flops[v] / seconds / 1e9,
+                              "max_rel_loss_diff": drift}
+        if "no_speedups" in times:  # an exact speed-up's own gain: over the same step without any
+            out["variants"][v]["over_no_speedups"] = statistics.median(
+                b / t for b, t in zip(times["no_speedups"], times[v]))
     return out
 
 
@@ -190,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/toy_birds.yaml")
     parser.add_argument("--override", nargs="*", default=[], help="extra config overrides for every variant")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--stages", nargs="*", default=["stage2", "stage1"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
@@ -218,12 +238,16 @@ def main(argv: list[str] | None = None) -> dict:
     for stage in args.stages:
         res = measure(stage, args, device, variants)
         result["stages"][stage] = res
-        print(f"\n{stage}: {res['flops_per_step'] / 1e9:.1f} GFLOP per step (fp32 count), batch {res['batch']}")
-        print(f"| variant | s/step | img/s | × {variants[0]} | GFLOP/s | of matmul | max rel. loss diff |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"\n{stage}: {res['flops_per_step'] / 1e9:.1f} GFLOP per step ({variants[0]}, fp32 count), "
+              f"batch {res['batch']}")
+        print(f"| variant | s/step | img/s | × {variants[0]} | × no_speedups | GFLOP/step | GFLOP/s | of matmul | "
+              "max rel. loss diff |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for v, r in res["variants"].items():
-            print(f"| {v} | {r['s_per_step']:.3f} | {r['img_s']:.1f} | {r['speedup']:.2f} | {r['gflop_s']:.1f} | "
-                  f"{r['gflop_s'] / peak:.2f} | {r['max_rel_loss_diff']:.1e} |")
+            own = f"{r['over_no_speedups']:.2f}" if "over_no_speedups" in r else "–"
+            print(f"| {v} | {r['s_per_step']:.3f} | {r['img_s']:.1f} | {r['speedup']:.2f} | {own} | "
+                  f"{r['flops_per_step'] / 1e9:.1f} | {r['gflop_s']:.1f} | {r['gflop_s'] / peak:.2f} | "
+                  f"{r['max_rel_loss_diff']:.1e} |")
     save_json(args.json, result)
     return result
 

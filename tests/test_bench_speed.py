@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer.speedups import SPEEDUPS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -25,20 +27,24 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
 
 @pytest.mark.slow
 def test_step_benchmark_measures_every_variant_and_checks_equal_losses(tmp_path):
-    result = _run("step.py", tmp_path, "--variants", "float_batch", "fp32", "channels_last",
-                  "--override", "data.image_size=64")
+    variants = ["float_batch", "no_speedups", *SPEEDUPS, "default", "channels_last"]
+    result = _run("step.py", tmp_path, "--variants", *variants, "--override", "data.image_size=64")
     assert result["matmul_gflop_s"] > 0
     for stage in ("stage2", "stage1"):
         numbers = result["stages"][stage]
         assert numbers["flops_per_step"] > 1e8
-        assert set(numbers["variants"]) == {"float_batch", "fp32", "channels_last"}
+        assert list(numbers["variants"]) == variants
         assert numbers["variants"]["float_batch"]["speedup"] == pytest.approx(1.0)  # the first is the base
+        assert numbers["variants"]["no_speedups"]["over_no_speedups"] == pytest.approx(1.0)
         for variant in numbers["variants"].values():
-            assert variant["img_s"] > 0 and variant["gflop_s"] > 0
-        # the batch's layout and channels-last memory are layouts, not another computation: the same losses up to
-        # float rounding (which Adam's first, sign-like steps amplify a little)
-        for name in ("fp32", "channels_last"):
-            assert numbers["variants"][name]["max_rel_loss_diff"] < 1e-2
+            assert variant["img_s"] > 0 and variant["gflop_s"] > 0 and variant["flops_per_step"] > 1e8
+        # the batch's layout, channels-last memory and the exact speed-ups are not another computation: the same
+        # losses up to float rounding (which Adam's first, sign-like steps amplify a little)
+        for name in variants[1:]:
+            assert numbers["variants"][name]["max_rel_loss_diff"] < 1e-2, (stage, name)
+    # the mask network's image-lets are no longer computed in the aux passes: less work, not only faster work
+    stage2 = result["stages"]["stage2"]["variants"]
+    assert stage2["aux_masks_only"]["flops_per_step"] < stage2["no_speedups"]["flops_per_step"]
 
 
 @pytest.mark.slow

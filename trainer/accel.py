@@ -9,6 +9,7 @@ import torch
 
 from data_shards.loader import as_float
 
+from . import speedups
 from .config import Config
 
 
@@ -16,6 +17,7 @@ def prepare_modules(cfg: Config, *modules: torch.nn.Module, zero_stage: int = 0)
     """Put `modules` in the configured memory format and compile them in place. Call it after the DeepSpeed
     engine is built (its start-up broadcast views each parameter as bytes, which needs contiguous memory); under
     ZeRO 1-3 the parameters are views of flat partitions and keep their layout (the inputs still change)."""
+    speedups.configure(cfg)  # the exact speed-ups (trainer/speedups.py), process-wide
     for module in modules:
         if cfg.train.channels_last and zero_stage == 0:  # off: the modules are left exactly as they are
             module.to(memory_format=torch.channels_last)

@@ -9,6 +9,7 @@ import sys
 
 from data_shards.errors import DataError
 
+from . import speedups
 from .config import ConfigError, load_config
 from .tracking import TrackingError
 from .weights import WeightsError
@@ -24,7 +25,9 @@ def _config(args):
     # `classifier=models:/wsssrec-classifier@champion` is short for classifier.checkpoint=...
     overrides = [f"classifier.checkpoint={o.split('=', 1)[1]}" if o.split("=", 1)[0].strip("- ") == "classifier"
                  and "=" in o else o for o in args.overrides]
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    speedups.configure(cfg)  # process-wide, like torch.backends' flags (trainer/speedups.py)
+    return cfg
 
 
 def _registers(cfg) -> bool:

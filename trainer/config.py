@@ -14,6 +14,8 @@ import yaml
 
 from data_shards.toys import TOY_SETS
 
+from .speedups import SPEEDUPS
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -118,6 +120,12 @@ class ObjectiveConfig:
     delete_weight: float = 1.0  # preserve_delete: weight of L_delete, scaled by lambda_c
     delete_untagged: bool = True  # preserve_delete: L_delete also on untagged (negative) images (docs/method.md)
     area_weight: float = 8.0  # preserve_delete: weight of mean(M_fg), scaled by lambda_m
+    # L_area relaxing once the mask has formed (the default's masks shrink onto g's evidence after ~600 steps,
+    # docs/results.md 2026-12-06): from step area_relax_start (0 = never) the weight goes linearly from
+    # area_weight to area_relax_weight over area_relax_ramp steps (0 = at once)
+    area_relax_start: int = 0
+    area_relax_ramp: int = 0
+    area_relax_weight: float = 0.0
     tv_weight: float = 0.5  # preserve_delete: weight of TV(M_fg), scaled by lambda_m
     absent_weight: float = 0.0  # preserve_delete, C > 1: area of components of untagged classes, × lambda_m
     binary_weight: float = 0.0  # preserve_delete: L_binary, the price of fractional masks, × lambda_m
@@ -169,6 +177,9 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = torch default
     channels_last: bool = False  # models, g and batches in channels-last memory (faster convolutions: bench/step.py)
     compile: bool = False  # torch.compile the segmenter and g in place (state_dict keys unchanged; bench/step.py)
+    # exact speed-ups on (trainer/speedups.py: same results up to fp rounding, each measured in bench/step.py);
+    # list fewer to rule one out, [] for the step as it was before them
+    speedups: list[str] = field(default_factory=lambda: list(SPEEDUPS))
 
 
 @dataclass
@@ -332,6 +343,10 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}")
     cfg.data.check()
+    unknown = [n for n in cfg.train.speedups if n not in SPEEDUPS]
+    if unknown:
+        raise ConfigError(f"config key 'train.speedups' names unknown speed-up(s) {unknown}; expected any of "
+                          f"{list(SPEEDUPS)} (trainer/speedups.py)")
     positive = {"data.image_size": cfg.data.image_size, "data.batch_size": cfg.data.batch_size,
                 "train.steps": cfg.train.steps, "classifier.batch_size": cfg.classifier.batch_size}
     for key, value in positive.items():
@@ -341,7 +356,8 @@ def validate(cfg: Config) -> None:
                        "objective.erase_dilate": cfg.objective.erase_dilate}.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be ≥ 0 (0 = off), got {value}")
-    for key in ("objective.erase_start", "objective.erase_ramp", "objective.cam_steps"):
+    for key in ("objective.erase_start", "objective.erase_ramp", "objective.cam_steps",
+                "objective.area_relax_start", "objective.area_relax_ramp"):
         value = getattr(cfg.objective, key.split(".")[1])
         if value < 0:
             raise ConfigError(f"config key {key!r} is a number of training steps, ≥ 0; got {value}")

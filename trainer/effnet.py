@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import speedups
+
 # (repeats, kernel, stride, expand, in, out) of Lite0, the base every Lite is scaled from
 # (efficientnet_lite_builder.py: no SE, ReLU6)
 LITE0_STAGES = [
@@ -72,13 +74,34 @@ class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow 'SAME' padding (asymmetric for stride 2), as the weights were trained."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x, self.weight, self.bias)
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This convolution with `weight` and `bias` in place of its own (folded BatchNorm: `conv_bn`)."""
         ih, iw = x.shape[-2:]
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
         pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if pad_h or pad_w:
+        padding = (0, 0)
+        if pad_h % 2 == 0 and pad_w % 2 == 0 and speedups.enabled("native_pad"):  # symmetric: the conv pads
+            padding = (pad_h // 2, pad_w // 2)
+        elif pad_h or pad_w:
             x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+
+def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """bn(conv(x)). In eval mode (running statistics) with the speed-up `bn_folded` it is one convolution with
+    the BatchNorm folded in, w·s and β − μ·s for s = γ / √(σ² + ε), computed from the current tensors on every
+    call (so gradients to them, and ZeRO-3's gathered parameters, stay right; the cost is one pass over the
+    weights)."""
+    if bn.training or not bn.track_running_stats or not speedups.enabled("bn_folded"):
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.conv(x, conv.weight * scale.view(-1, 1, 1, 1), bias)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -100,9 +123,9 @@ class MBConvBlock(nn.Module):
         self.residual = stride == 1 and c_in == c_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-        h = F.relu6(self._bn1(self._depthwise_conv(h)))
-        h = self._bn2(self._project_conv(h))
+        h = F.relu6(conv_bn(self._expand_conv, self._bn0, x)) if self.expand else x
+        h = F.relu6(conv_bn(self._depthwise_conv, self._bn1, h))
+        h = conv_bn(self._project_conv, self._bn2, h)
         return h + x if self.residual else h
 
 
@@ -153,13 +176,13 @@ class EfficientNetLite(nn.Module):
 
     def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Features at strides 2, 4, 8, 16 and the head features at stride 32."""
-        x = F.relu6(self._bn0(self._conv_stem(self.normalize(images))))
+        x = F.relu6(conv_bn(self._conv_stem, self._bn0, self.normalize(images)))
         feats = []
         for idx, block in enumerate(self._blocks):
             x = block(x)
             if idx in self.tap_blocks:
                 feats.append(x)
-        feats.append(F.relu6(self._bn1(self._conv_head(x))))
+        feats.append(F.relu6(conv_bn(self._conv_head, self._bn1, x)))
         return feats
 
     def head_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,15 @@ then a mean over the valid ones, and the padding counts nowhere. `valid` None (t
 computed exactly as without the argument."""
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from . import speedups
 from .config import ObjectiveConfig
 
 EPS = 1e-6
@@ -106,16 +109,43 @@ def L_cls(g: Classifier, M: torch.Tensor, V: torch.Tensor, y: torch.Tensor) -> t
 
 # ---------------------------------------------------------------------------------- preserve / delete terms
 def gaussian_blur(I: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding (radius 3σ, capped by the image size)."""
+    """Separable Gaussian blur with reflect padding (radius 3σ, capped by the image size). With the speed-up
+    `blur_matmul` (trainer/speedups.py) it is A_H · I · A_Wᵀ, the padded kernel as a banded matrix per side (the
+    same weighted sums; on CPUs the 1-D depthwise convolutions take a slow path)."""
     radius = max(1, min(int(math.ceil(3 * sigma)), min(I.shape[-2:]) - 1))
-    t = torch.arange(-radius, radius + 1, dtype=I.dtype, device=I.device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
+    if speedups.enabled("blur_matmul"):
+        H, W = I.shape[-2:]
+        rows = blur_matrix(H, radius, float(sigma), I.dtype, I.device)
+        cols = rows if W == H else blur_matrix(W, radius, float(sigma), I.dtype, I.device)
+        return torch.matmul(rows, torch.matmul(I, cols.t()))
+    kernel = _blur_kernel(radius, sigma, I.dtype, I.device)
     c = I.shape[1]
     x = F.pad(I, [radius, radius, 0, 0], mode="reflect")
     x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
     x = F.pad(x, [0, 0, radius, radius], mode="reflect")
     return F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def _blur_kernel(radius: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+@functools.lru_cache(maxsize=64)
+def blur_matrix(n: int, radius: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """n×n: row i holds the 1-D Gaussian kernel around i, its taps past the border reflected back in (reflect
+    padding: index −j → j, n−1+j → n−1−j), so (A x)_i is the padded convolution's output i. Cached per size; made
+    outside inference mode so a matrix first built in an evaluation can be saved for a later backward."""
+    with torch.inference_mode(False):
+        kernel = _blur_kernel(radius, sigma, dtype, device)
+        taps = torch.arange(n, device=device)[:, None] + torch.arange(-radius, radius + 1, device=device)[None, :]
+        taps = torch.where(taps < 0, -taps, taps)
+        taps = torch.where(taps > n - 1, 2 * (n - 1) - taps, taps)
+        A = torch.zeros(n, n, dtype=dtype, device=device)
+        A.index_put_((torch.arange(n, device=device)[:, None].expand_as(taps), taps), kernel.expand_as(taps),
+                     accumulate=True)
+    return A
 
 
 def fill_image(I: torch.Tensor, cfg: ObjectiveConfig, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,20 +234,39 @@ def pasted(M_fg: torch.Tensor, I: torch.Tensor, background: torch.Tensor) -> tor
     return preserved(M_fg, I, background)
 
 
-def L_paste(segment: Callable[[torch.Tensor], dict], I: torch.Tensor, y: torch.Tensor, M_fg: torch.Tensor,
-            num_classes: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Background-swap consistency (cut-and-paste, Remez et al. 2018): each positive image's objects, cut out
-    by the current mask (no gradient), are pasted onto a negative image of the batch, and the mask network must
-    return the same (hardened) mask there, class by class. The training set pairs each class with its own
-    background group, so these composites are exactly the pairings the bias hides; a mask that leans on the
-    background fails them. `M_fg` is B×H×W (C = 1) or the class mask-lets B×C×H×W. BCE averaged over pixels
-    (and classes) of the pasted images; 0 when the batch lacks positives or negatives. With `valid`, nothing is cut
-    from a positive's padding and only pixels that are image in both the positive and its background count."""
+@dataclass(frozen=True)
+class AuxPass:
+    """One more pass of the mask network that a term needs (L_paste, L_erase): the `images` it sees and the term
+    as a function of the mask logits there. `run` makes the pass; `run_batched` makes several in one forward."""
+    images: torch.Tensor
+    loss: Callable[[torch.Tensor], torch.Tensor]
+
+    def run(self, segment: Callable[[torch.Tensor], dict]) -> torch.Tensor:
+        return self.loss(segment(self.images)["mask_logits"])
+
+
+def run_batched(passes: list[AuxPass], segment: Callable[[torch.Tensor], dict]) -> list[torch.Tensor]:
+    """The terms of `passes` from one forward on their images concatenated (the speed-up `aux_batched`: the same
+    values wherever the network treats the images of a batch independently, i.e. no BatchNorm in training mode)."""
+    if len(passes) == 1:
+        return [passes[0].run(segment)]
+    logits = segment(torch.cat([p.images for p in passes]))["mask_logits"].split([len(p.images) for p in passes])
+    return [p.loss(z) for p, z in zip(passes, logits)]
+
+
+def _idle_pass(I: torch.Tensor) -> AuxPass:
+    """A term with nothing to compare still makes its forward, weighted 0: every rank must run the same number of
+    forwards (ZeRO-3 gathers the parameters collectively in each one, and a rank that skipped it would hang the
+    others)."""
+    return AuxPass(I[:1], lambda logits: logits.sum() * 0.0)
+
+
+def paste_pass(I: torch.Tensor, y: torch.Tensor, M_fg: torch.Tensor, num_classes: int,
+               valid: torch.Tensor | None = None) -> AuxPass:
+    """L_paste's pass: the composites, and the term given the mask logits on them."""
     positive = y.sum(dim=1) > 0
     if positive.all() or not positive.any():
-        # still one forward, weighted 0: every rank must run the same number of forwards (ZeRO-3 gathers the
-        # parameters collectively in each one, and a rank that skipped it would hang the others)
-        return segment(I[:1])["mask_logits"].sum() * 0.0
+        return _idle_pass(I)
     per_class = M_fg if M_fg.dim() == 4 else M_fg.unsqueeze(1)
     source = per_class[positive].detach()
     backgrounds = I[~positive]
@@ -228,8 +277,24 @@ def L_paste(segment: Callable[[torch.Tensor], dict], I: torch.Tensor, y: torch.T
         source = source * valid[positive].unsqueeze(1).to(source.dtype)
         both = valid[positive] & valid[~positive][pick]
     composite = pasted(source.sum(dim=1), I[positive], backgrounds)
-    M_new = mask_lets(segment(composite)["mask_logits"])[:, :num_classes]
-    return valid_mean(bce(M_new, (source > 0.5).to(M_new.dtype)), both)
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        M_new = mask_lets(logits)[:, :num_classes]
+        return valid_mean(bce(M_new, (source > 0.5).to(M_new.dtype)), both)
+
+    return AuxPass(composite, loss)
+
+
+def L_paste(segment: Callable[[torch.Tensor], dict], I: torch.Tensor, y: torch.Tensor, M_fg: torch.Tensor,
+            num_classes: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Background-swap consistency (cut-and-paste, Remez et al. 2018): each positive image's objects, cut out
+    by the current mask (no gradient), are pasted onto a negative image of the batch, and the mask network must
+    return the same (hardened) mask there, class by class. The training set pairs each class with its own
+    background group, so these composites are exactly the pairings the bias hides; a mask that leans on the
+    background fails them. `M_fg` is B×H×W (C = 1) or the class mask-lets B×C×H×W. BCE averaged over pixels
+    (and classes) of the pasted images; 0 when the batch lacks positives or negatives. With `valid`, nothing is cut
+    from a positive's padding and only pixels that are image in both the positive and its background count."""
+    return paste_pass(I, y, M_fg, num_classes, valid).run(segment)
 
 
 def erased(M_fg: torch.Tensor, I: torch.Tensor, fill: torch.Tensor, dilate: int) -> torch.Tensor:
@@ -240,6 +305,31 @@ def erased(M_fg: torch.Tensor, I: torch.Tensor, fill: torch.Tensor, dilate: int)
         if dilate > 0:
             hard = F.max_pool2d(hard, 2 * dilate + 1, stride=1, padding=dilate)
         return (1 - hard) * I + hard * fill
+
+
+def erase_pass(g: Classifier | None, I: torch.Tensor, y: torch.Tensor, M_fg: torch.Tensor, fill: torch.Tensor,
+               num_classes: int, dilate: int, valid: torch.Tensor | None = None) -> AuxPass:
+    """L_erase's pass: the erased positives, and the term given the mask logits on them."""
+    positive = y.sum(dim=1) > 0
+    if not positive.any():
+        return _idle_pass(I)
+    M_erase = M_fg[positive] if valid is None else M_fg[positive] * valid[positive].to(M_fg.dtype)
+    E = erased(M_erase, I[positive], fill[positive], dilate)
+    with torch.no_grad():
+        clean = (torch.sigmoid(g(E)) < 0.5).all(dim=1) if g is not None else torch.ones(
+            len(E), dtype=torch.bool, device=E.device)
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        M_new = mask_lets(logits)[:, :num_classes]
+        per_pixel = bce(M_new, torch.zeros_like(M_new))
+        if valid is None:
+            per_image = per_pixel.flatten(1).mean(dim=1)
+        else:
+            v = valid[positive].to(per_pixel.dtype).unsqueeze(1).expand_as(per_pixel)
+            per_image = (per_pixel * v).flatten(1).sum(dim=1) / v.flatten(1).sum(dim=1).clamp_min(1)
+        return (per_image * clean.to(per_image.dtype)).sum() / clean.sum().clamp(min=1)
+
+    return AuxPass(E, loss)
 
 
 def L_erase(segment: Callable[[torch.Tensor], dict], g: Classifier | None, I: torch.Tensor, y: torch.Tensor,
@@ -253,22 +343,7 @@ def L_erase(segment: Callable[[torch.Tensor], dict], g: Classifier | None, I: to
     toy-birds the positives are mostly on water, so E is the water-without-bird image that the training set
     (ρ = 0.9) almost lacks. Mean over the counted images; 0 (with a graph) when none counts. With `valid`, the
     padding is never erased (its mask is taken as 0) and each image's BCE is a mean over its valid pixels."""
-    positive = y.sum(dim=1) > 0
-    if not positive.any():  # still one forward: every rank runs the same forwards (see L_paste)
-        return segment(I[:1])["mask_logits"].sum() * 0.0
-    M_erase = M_fg[positive] if valid is None else M_fg[positive] * valid[positive].to(M_fg.dtype)
-    E = erased(M_erase, I[positive], fill[positive], dilate)
-    with torch.no_grad():
-        clean = (torch.sigmoid(g(E)) < 0.5).all(dim=1) if g is not None else torch.ones(
-            len(E), dtype=torch.bool, device=E.device)
-    M_new = mask_lets(segment(E)["mask_logits"])[:, :num_classes]
-    per_pixel = bce(M_new, torch.zeros_like(M_new))
-    if valid is None:
-        per_image = per_pixel.flatten(1).mean(dim=1)
-    else:
-        v = valid[positive].to(per_pixel.dtype).unsqueeze(1).expand_as(per_pixel)
-        per_image = (per_pixel * v).flatten(1).sum(dim=1) / v.flatten(1).sum(dim=1).clamp_min(1)
-    return (per_image * clean.to(per_image.dtype)).sum() / clean.sum().clamp(min=1)
+    return erase_pass(g, I, y, M_fg, fill, num_classes, dilate, valid).run(segment)
 
 
 def classifier_rows(M: torch.Tensor, M_fg: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -309,6 +384,18 @@ def erase_schedule(cfg: ObjectiveConfig, step: int | None) -> float:
     if step < cfg.erase_start:
         return 0.0
     return 1.0 if cfg.erase_ramp <= 0 else min(1.0, (step - cfg.erase_start + 1) / cfg.erase_ramp)
+
+
+def area_schedule(cfg: ObjectiveConfig, step: int | None) -> float:
+    """The weight of L_area at training step `step` (0-based): area_weight before `area_relax_start`, then
+    linearly to `area_relax_weight` over `area_relax_ramp` steps (the first step at area_relax_start is already
+    1/area_relax_ramp of the way). area_relax_start 0 → area_weight throughout; `step` None (outside a training
+    loop) → area_weight. The prior that makes the mask form is what shrinks it onto g's evidence once L_delete is
+    met (docs/results.md, 2026-12-06), so it can relax after the mask has formed."""
+    if step is None or cfg.area_relax_start <= 0 or step < cfg.area_relax_start:
+        return cfg.area_weight
+    frac = 1.0 if cfg.area_relax_ramp <= 0 else min(1.0, (step - cfg.area_relax_start + 1) / cfg.area_relax_ramp)
+    return cfg.area_weight + frac * (cfg.area_relax_weight - cfg.area_weight)
 
 
 def cam_schedule(cfg: ObjectiveConfig, step: int | None) -> float:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig
 from .effnet import EfficientNetLite
+from . import speedups
 from .losses import gaussian_blur
 
 
@@ -65,6 +66,9 @@ class EfficientNetEncoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if not self.trainable and not images.requires_grad and speedups.enabled("frozen_no_grad"):
+            with torch.no_grad():  # nothing to differentiate: no autograd records
+                return [images, *self.trunk.pyramid(images)]
         return [images, *self.trunk.pyramid(images)]
 
 
@@ -142,10 +146,13 @@ class Segmenter(nn.Module):
             raise ConfigError(f"image size {height}×{width} does not fit this encoder: both sides must be "
                              f"multiples of {self.divisor} (set data.image_size accordingly)")
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, imagelets: bool = True) -> dict[str, torch.Tensor]:
+        """`imagelets` False: the mask logits only (the extra passes of L_paste and L_erase read nothing else)."""
         self.check_size(*images.shape[-2:])
         feats = self.encoder(images)
         mask_logits, maps = self.mask_decoder(feats)
+        if not imagelets:
+            return {"mask_logits": mask_logits}
         b, _, h, w = images.shape
         if self.imagelet_head == "local_mean":
             return {"mask_logits": mask_logits,

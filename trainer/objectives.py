@@ -13,10 +13,11 @@ from typing import Callable
 import torch
 
 from .config import ObjectiveConfig
-from .losses import (Classifier, L_absent, L_area, L_binary, L_class_area, L_class_rank, L_cls, L_delete,
-                     L_delete_tagged, L_erase, L_mask, L_negative, L_paste, L_preserve, L_pseudo, L_recon, L_tv,
-                     classifier_rows, deleted, cam_schedule, erase_schedule, fill_image, foreground, mask_lets,
-                     preserved, reconstruction)
+from . import speedups
+from .losses import (AuxPass, Classifier, L_absent, L_area, L_binary, L_class_area, L_class_rank, L_cls, L_delete,
+                     L_delete_tagged, L_mask, L_negative, L_preserve, L_pseudo, L_recon, L_tv, area_schedule,
+                     cam_schedule, classifier_rows, deleted, erase_pass, erase_schedule, fill_image, foreground,
+                     mask_lets, paste_pass, preserved, reconstruction, run_batched)
 
 Terms = dict[str, torch.Tensor]
 
@@ -45,15 +46,27 @@ LOSS_GROUPS: tuple[tuple[str | None, tuple[tuple[str, str], ...]], ...] = (
 )
 
 
+# weight fields of LOSS_GROUPS that follow the training step: field -> (cfg, step) -> the weight at that step
+SCHEDULED_WEIGHTS: dict[str, Callable[[ObjectiveConfig, int | None], float]] = {"area_weight": area_schedule}
+
+
+def group_weight(cfg: ObjectiveConfig, field: str, step: int | None) -> float:
+    """A LOSS_GROUPS weight at training step `step`: its schedule's value, or the config field as it is."""
+    schedule = SCHEDULED_WEIGHTS.get(field)
+    return schedule(cfg, step) if schedule else getattr(cfg, field)
+
+
 @dataclass(frozen=True)
 class OptionalTerm:
     """A term computed only while `active`; it adds `weight · term` to the loss. `training`: only in a training
-    step, given the mask network (it runs the network again on altered images)."""
+    step, given the mask network. A term that runs the mask network again on altered images gives that pass as
+    `aux` (ctx → losses.AuxPass) instead of `compute`, so the passes of several terms can share one forward."""
     name: str
     weight: Callable[[ObjectiveConfig, int | None], float]
     active: Callable[[ObjectiveConfig, int | None], bool]
-    compute: Callable[..., torch.Tensor]  # (ctx: dict) → the term
+    compute: Callable[..., torch.Tensor] | None = None  # (ctx: dict) → the term
     training: bool = False
+    aux: Callable[..., AuxPass] | None = None  # (ctx: dict) → its pass of the mask network
 
 
 OPTIONAL_TERMS: tuple[OptionalTerm, ...] = (
@@ -74,13 +87,12 @@ OPTIONAL_TERMS: tuple[OptionalTerm, ...] = (
                  lambda cfg, step: cfg.negative_weight > 0,
                  lambda ctx: L_negative(ctx["M_fg"], ctx["y"], ctx["valid"])),
     OptionalTerm("L_paste", lambda cfg, step: cfg.paste_weight, lambda cfg, step: cfg.paste_weight > 0,
-                 lambda ctx: L_paste(ctx["segment"], ctx["I"], ctx["y"], ctx["M_classes"], ctx["C"], ctx["valid"]),
-                 training=True),
+                 training=True,
+                 aux=lambda ctx: paste_pass(ctx["I"], ctx["y"], ctx["M_classes"], ctx["C"], ctx["valid"])),
     OptionalTerm("L_erase", lambda cfg, step: cfg.erase_weight * erase_schedule(cfg, step),
-                 lambda cfg, step: cfg.erase_weight > 0 and erase_schedule(cfg, step) > 0,
-                 lambda ctx: L_erase(ctx["segment"], ctx["g"] if ctx["cfg"].erase_gate else None, ctx["I"], ctx["y"],
-                                     ctx["M_fg"], ctx["fill"], ctx["C"], ctx["cfg"].erase_dilate, ctx["valid"]),
-                 training=True),
+                 lambda cfg, step: cfg.erase_weight > 0 and erase_schedule(cfg, step) > 0, training=True,
+                 aux=lambda ctx: erase_pass(ctx["g"] if ctx["cfg"].erase_gate else None, ctx["I"], ctx["y"],
+                                            ctx["M_fg"], ctx["fill"], ctx["C"], ctx["cfg"].erase_dilate, ctx["valid"])),
     OptionalTerm("L_cam", lambda cfg, step: cfg.cam_weight * cam_schedule(cfg, step),
                  lambda cfg, step: cfg.cam_weight > 0 and cam_schedule(cfg, step) > 0,
                  lambda ctx: L_pseudo(ctx["Z"], _confident_cam_labels(ctx["g"], ctx["I"], ctx["y"], ctx["cfg"]),
@@ -94,7 +106,7 @@ def weighted_loss(terms: Terms, cfg: ObjectiveConfig, step: int | None) -> torch
     present in `terms`, in table order."""
     parts = []
     for scale, members in LOSS_GROUPS:
-        group = reduce(add, [getattr(cfg, weight) * terms[name] for name, weight in members])
+        group = reduce(add, [group_weight(cfg, weight, step) * terms[name] for name, weight in members])
         parts.append(getattr(cfg, scale) * group if scale else group)
     parts += [term.weight(cfg, step) * terms[term.name] for term in OPTIONAL_TERMS if term.name in terms]
     return reduce(add, parts)
@@ -104,12 +116,13 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
                               cfg: ObjectiveConfig, training: bool = True,
                               segment: Callable[[torch.Tensor], dict] | None = None,
                               step: int | None = None, valid: torch.Tensor | None = None) -> Terms:
-    """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_weight·L_area
+    """L = λ_c·(preserve_weight·L_preserve + delete_weight·L_delete) + λ_m·(area_schedule(step)·L_area
     + tv_weight·L_tv) + recon_weight·L_recon + λ_m·(absent_weight·L_absent + class_area_weight·L_class_area
     + class_rank_weight·L_class_rank + binary_weight·L_binary + negative_weight·L_negative)
     + paste_weight·L_paste + erase_weight·erase_schedule(step)·L_erase + cam_weight·cam_schedule(step)·L_cam
     (paste, erase and cam only while training, given the mask network `segment`; L_erase only once its schedule
-    has started, L_cam only until its schedule has faded to 0).
+    has started, L_cam only until its schedule has faded to 0). The passes of L_paste and L_erase share one forward
+    (speed-up `aux_batched`) unless `segment.batch_independent` is False (BatchNorm in training mode).
 
     For C classes the classifier terms work per tagged class on the class's own component (`classifier_rows`):
     keeping only M_c must read as class c alone, removing M_c must remove class c and keep the others. L_tv is
@@ -141,9 +154,18 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
     }
     ctx = {"Z": out["mask_logits"], "M": M, "M_fg": M_fg, "M_classes": M[:, :C] if C > 1 else M_fg, "I": I, "y": y, "g": g, "fill": fill,
            "C": C, "cfg": cfg, "segment": segment, "valid": valid}
+    passes: dict[str, AuxPass] = {}
     for term in OPTIONAL_TERMS:
         if term.active(cfg, step) and (not term.training or (training and segment is not None)):
-            terms[term.name] = term.compute(ctx)
+            if term.aux is None:
+                terms[term.name] = term.compute(ctx)
+            else:
+                passes[term.name] = term.aux(ctx)
+    if passes:  # the mask network's extra passes: one forward (speed-up aux_batched) or one per term
+        batched = speedups.enabled("aux_batched") and getattr(segment, "batch_independent", True)
+        values = (run_batched(list(passes.values()), segment) if batched
+                  else [p.run(segment) for p in passes.values()])
+        terms.update(zip(passes, values))
     terms["loss"] = weighted_loss(terms, cfg, step)
     return terms
 

@@ -7,7 +7,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
+
+from . import speedups
 
 from .accel import prepare_images, prepare_modules
 from .checkpoint import Checkpointer
@@ -86,6 +90,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     (tests use it to fix the data order across world sizes); `lineage` holds what the driver's URI resolution
     said about g and `model.init_from` (`model_uri.resolve_classifier`, `resolve_init_from`)."""
     lineage = dict(lineage or {})
+    speedups.configure(cfg)
     rank, world, out = start_stage(cfg)
     classes = dataset_classes(cfg)
     model, g, init_tags = build_models(cfg, classes, lineage, out)
@@ -145,13 +150,27 @@ def train_step(engine, g, cfg: Config, batches: Iterator[dict], accum: int, step
         labels = batch["labels"].to(images.device, non_blocking=True)
         valid = batch.get("valid")  # crop mode: the pixels that are image, not padding (None: all)
         targets = None if teacher is None else teacher.pseudo_labels(images, labels)
-        terms = objective(engine(images), images, labels, g, cfg.objective, segment=engine, step=step,
+        terms = objective(engine(images), images, labels, g, cfg.objective, segment=AuxSegment(engine), step=step,
                           valid=None if valid is None else valid.to(images.device), targets=targets)
         engine.backward(terms["loss"])
         engine.step()
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.item() / accum
     return sums
+
+
+class AuxSegment:
+    """The mask network as L_paste and L_erase call it: the mask logits only (speed-up `aux_masks_only`), and
+    `batch_independent` (no BatchNorm in training mode, e.g. a frozen encoder; read each step, since
+    `model.encoder_unfreeze_at` can make the encoder trainable mid-run) for their shared forward."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.masks_only = speedups.enabled("aux_masks_only")
+        self.batch_independent = not any(isinstance(m, _BatchNorm) and m.training for m in engine.module.modules())
+
+    def __call__(self, images: torch.Tensor) -> dict:
+        return self.engine(images, imagelets=False) if self.masks_only else self.engine(images)
 
 
 def finish_run(out: Path, tracker: Tracker, state, record: dict, seconds: float, world: int, path: Path) -> None:

@@ -1,0 +1,201 @@
+"""The exact speed-ups of trainer/speedups.py: each gives the values (and gradients) of the code it replaces, up to
+float rounding, and stays out of the way where it would not be exact (BatchNorm in training mode, a trainable
+encoder). Timings are bench/step.py's, not asserted here."""
+import copy
+
+import pytest
+import torch
+
+from trainer import speedups
+from trainer.config import ConfigError, load_config
+from trainer.effnet import EfficientNetLite0, SameConv2d
+from trainer.losses import AuxPass, blur_matrix, gaussian_blur, run_batched
+from trainer.models import FrozenClassifier, Segmenter
+from trainer.objectives import objective
+from trainer.train import AuxSegment
+
+
+@pytest.fixture
+def switches():
+    """Set the process-wide switches inside a test; the defaults (all on) come back afterwards."""
+    yield speedups.set_enabled
+    speedups.set_enabled(speedups.SPEEDUPS)
+
+
+def _with(switches, names, fn):
+    switches(names)
+    return fn()
+
+
+@pytest.mark.parametrize("shape, sigma", [((2, 5, 32, 32), 8.0), ((1, 3, 20, 36), 10.0), ((2, 2, 16, 16), 1.0),
+                                          ((1, 1, 8, 8), 30.0)])  # the last: radius capped by the image size
+def test_blur_matmul_equals_the_padded_convolutions_values_and_gradients(switches, shape, sigma):
+    x = torch.rand(*shape, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(*shape, dtype=torch.float64)
+
+    def blur():
+        out = gaussian_blur(x, sigma)
+        (grad,) = torch.autograd.grad((out * weights).sum(), x)
+        return out.detach(), grad
+
+    conv_out, conv_grad = _with(switches, [], blur)
+    mm_out, mm_grad = _with(switches, ["blur_matmul"], blur)
+    assert torch.allclose(mm_out, conv_out, atol=1e-12) and torch.allclose(mm_grad, conv_grad, atol=1e-12)
+
+
+def test_blur_matrix_by_hand_and_usable_for_backward_after_an_evaluation():
+    # n = 4, radius 1: row i = kernel (a, b, a) around i, index −1 → 1 and 4 → 2 (reflect)
+    A = blur_matrix(4, 1, 1.0, torch.float64, torch.device("cpu"))
+    k = torch.exp(-0.5 * torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+    a, b = (k / k.sum())[:2].tolist()
+    expected = torch.tensor([[b, 2 * a, 0, 0], [a, b, a, 0], [0, a, b, a], [0, 0, 2 * a, b]], dtype=torch.float64)
+    assert torch.allclose(A, expected)
+    with torch.inference_mode():  # an evaluation builds (and caches) the matrix of a new size first ...
+        blur_matrix(12, 3, 1.5, torch.float32, torch.device("cpu"))
+    x = torch.rand(1, 1, 12, 12, requires_grad=True)
+    speedups.set_enabled(["blur_matmul"])
+    try:  # ... and a training step then saves it for backward: no "inference tensor" error
+        gaussian_blur(x, 1.5).sum().backward()
+    finally:
+        speedups.set_enabled(speedups.SPEEDUPS)
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def _frozen_net(seed=0):
+    torch.manual_seed(seed)
+    net = EfficientNetLite0(num_classes=1)
+    with torch.no_grad():  # BatchNorm statistics and affine parameters that are not the identity
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+def test_bn_folded_and_native_pad_give_g_the_same_logits_and_input_gradients(switches):
+    g = FrozenClassifier(_frozen_net())
+    x = torch.rand(3, 3, 64, 64, requires_grad=True)
+
+    def run():
+        out = g(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        return out.detach(), grad
+
+    base_out, base_grad = _with(switches, [], run)
+    for names in (["bn_folded"], ["native_pad"], ["bn_folded", "native_pad"]):
+        out, grad = _with(switches, names, run)
+        assert torch.allclose(out, base_out, rtol=1e-4, atol=1e-4), names
+        assert torch.allclose(grad, base_grad, rtol=1e-3, atol=1e-6), names
+
+
+def test_bn_folded_leaves_training_mode_alone_and_folds_into_parameter_gradients(switches):
+    net = _frozen_net()
+    net.train()  # stage 1: batch statistics, running statistics updated: no folding
+    x = torch.rand(4, 3, 32, 32)
+    ref = copy.deepcopy(net)
+    out = _with(switches, ["bn_folded"], lambda: (torch.manual_seed(1), net(x))[1])  # the same dropout draws
+    ref_out = _with(switches, [], lambda: (torch.manual_seed(1), ref(x))[1])
+    assert torch.equal(out, ref_out)
+    assert torch.equal(net._bn0.running_mean, ref._bn0.running_mean)
+    net.eval()  # evaluation of a g that still trains: gradients reach the conv and BatchNorm parameters alike
+    ref.eval()
+    _with(switches, ["bn_folded"], lambda: net(x).sum().backward())
+    _with(switches, [], lambda: ref(x).sum().backward())
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5), name
+
+
+def test_native_pad_only_where_same_padding_is_symmetric(switches):
+    torch.manual_seed(0)
+    for kernel, stride, size in [(3, 1, 9), (5, 1, 8), (3, 2, 8), (5, 2, 9), (3, 2, 7)]:
+        conv = SameConv2d(2, 3, kernel, stride=stride, bias=False)
+        x = torch.rand(1, 2, size, size)
+        assert torch.allclose(_with(switches, ["native_pad"], lambda: conv(x)), _with(switches, [], lambda: conv(x)),
+                              atol=1e-6), (kernel, stride, size)
+
+
+def _segmenter(trainable=False):
+    cfg = load_config("configs/toy_birds.yaml", [f"model.encoder_trainable={str(trainable).lower()}"])
+    torch.manual_seed(0)
+    net = _frozen_net()
+    return cfg, Segmenter(cfg.model, 1, trunk=net), FrozenClassifier(net)
+
+
+def test_masks_only_forward_and_frozen_no_grad_give_the_same_mask_logits(switches):
+    _, model, _ = _segmenter()
+    model.train()
+    images = torch.rand(2, 3, 64, 64)
+    full = _with(switches, [], lambda: model(images))
+    masks = _with(switches, ["frozen_no_grad"], lambda: model(images, imagelets=False))
+    assert set(masks) == {"mask_logits"} and torch.equal(masks["mask_logits"], full["mask_logits"])
+    feats = _with(switches, ["frozen_no_grad"], lambda: model.encoder(images))
+    assert not any(f.requires_grad for f in feats[1:])  # no autograd records for a frozen encoder
+    trainable = _segmenter(trainable=True)[1]
+    assert all(f.requires_grad for f in _with(switches, ["frozen_no_grad"], lambda: trainable.encoder(images))[1:])
+
+
+class CountingEngine(torch.nn.Module):
+    """The engine's role for AuxSegment: forwards to the model, counting calls and batch sizes."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.calls = module, []
+
+    def forward(self, images, **kwargs):
+        self.calls.append(len(images))
+        return self.module(images, **kwargs)
+
+
+def _step_terms(model, g, cfg, names, switches, images, labels):
+    switches(names)
+    model.zero_grad()
+    engine = CountingEngine(model)
+    terms = objective(engine(images), images, labels, g, cfg.objective, segment=AuxSegment(engine), step=300)
+    terms["loss"].backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return {k: v.item() for k, v in terms.items()}, grads, engine.calls
+
+
+def test_aux_passes_share_one_forward_with_the_same_terms_and_gradients(switches):
+    cfg, model, g = _segmenter()
+    model.train()
+    images, labels = torch.rand(6, 3, 64, 64), torch.tensor([[1.0], [0.0], [1.0], [0.0], [1.0], [1.0]])
+    assert cfg.objective.paste_weight > 0 and cfg.objective.erase_weight > 0  # the default has both passes
+    base, base_grads, base_calls = _step_terms(model, g, cfg, [], switches, images, labels)
+    terms, grads, calls = _step_terms(model, g, cfg, ["aux_batched", "aux_masks_only"], switches, images, labels)
+    assert base_calls == [6, 4, 4] and calls == [6, 8]  # the paste and erase passes (4 positives each): one forward
+    assert set(terms) == set(base) and "L_paste" in terms and "L_erase" in terms
+    for name, value in base.items():
+        assert terms[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert len(grads) == len(base_grads) > 0
+    for a, b in zip(grads, base_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_aux_passes_stay_apart_when_batchnorm_trains(switches):
+    cfg, model, g = _segmenter(trainable=True)  # a trainable encoder: BatchNorm uses each batch's statistics
+    model.train()
+    images, labels = torch.rand(4, 3, 64, 64), torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    _, _, calls = _step_terms(model, g, cfg, list(speedups.SPEEDUPS), switches, images, labels)
+    assert calls == [4, 2, 2]
+
+
+def test_run_batched_splits_the_logits_back_to_each_pass():
+    seen = []
+
+    def segment(images):
+        seen.append(images.shape[0])
+        return {"mask_logits": images[:, :1] * 2}
+
+    a, b = torch.ones(2, 3, 4, 4), torch.full((3, 3, 4, 4), 5.0)
+    out = run_batched([AuxPass(a, lambda z: z.mean()), AuxPass(b, lambda z: z.sum())], segment)
+    assert seen == [5] and out[0].item() == 2.0 and out[1].item() == 10.0 * 3 * 16
+
+
+def test_unknown_speedup_is_a_clear_config_error():
+    with pytest.raises(ConfigError, match=r"train.speedups.*'warp'.*blur_matmul"):
+        load_config("configs/toy_birds.yaml", ["train.speedups=[warp]"])
+    assert load_config("configs/toy_birds.yaml").train.speedups == list(speedups.SPEEDUPS)
