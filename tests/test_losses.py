@@ -305,6 +305,21 @@ def test_erase_schedule_waits_then_ramps_linearly():
     assert erase_schedule(cfg, None) == 1  # outside a training loop
 
 
+def test_area_schedule_holds_then_relaxes_linearly_and_weighs_L_area():
+    from trainer.losses import area_schedule
+
+    cfg = ObjectiveConfig(area_weight=8.0, area_relax_start=20, area_relax_ramp=4, area_relax_weight=4.0)
+    assert [area_schedule(cfg, s) for s in (0, 19, 20, 21, 23, 24, 900)] == [8, 8, 7, 6, 4, 4, 4]
+    assert area_schedule(cfg, None) == 8  # outside a training loop: the configured weight
+    assert area_schedule(ObjectiveConfig(area_weight=8.0), 10_000) == 8  # area_relax_start 0: never relaxes
+    at_once = ObjectiveConfig(area_weight=8.0, area_relax_start=5, area_relax_weight=2.0)
+    assert (area_schedule(at_once, 4), area_schedule(at_once, 5)) == (8, 2)
+    out, I, y, g = _tiny_batch()
+    early = objective(out, I, y, g, cfg, training=False, step=0)
+    late = objective(out, I, y, g, cfg, training=False, step=100)  # λ_m = 1: the loss moves by (4 − 8)·L_area
+    assert late["loss"].item() == pytest.approx((early["loss"] - 4.0 * early["L_area"]).item(), rel=1e-6)
+
+
 def test_objective_scales_L_erase_by_its_schedule():
     out, I, y, _ = _tiny_batch()
 
