@@ -31,18 +31,26 @@ BUCKET = "bench"
 
 def loader_rate(url: str, args, workers: int, clock=time.perf_counter, **options) -> float:
     """Images/s over one training epoch, DataLoader start-up included (the first epoch of a run pays it).
-    The trainer's settings: uint8 batches (made float on the training side, timed here too), the lean tar
-    reader; `options` override them (the "before" row: webdataset's tar reader, float batches)."""
+    The trainer's settings: uint8 batches, the lean tar reader; `options` override them (the "before" row:
+    webdataset's tar reader, float batches made in the loader). The uint8 → float conversion of today's batches
+    is the training step's (on its device: `accel.prepare_images`), so it is not timed here but on its own
+    (`float_rate`)."""
     settings = {"uint8": True, "draft": args.draft, **options}
     start = clock()
     loader = make_loader(url, "train", LoaderOptions(image_size=args.size, batch_size=args.batch, train=True,
                                                      seed=0, epoch=0, shuffle_buffer=512, num_workers=workers,
                                                      **settings))
-    images = 0
-    for batch in loader:
-        as_float(batch["image"])
-        images += len(batch["key"])
+    images = sum(len(batch["key"]) for batch in loader)
     return images / (clock() - start)
+
+
+def float_rate(args, clock=time.perf_counter) -> float:
+    """Images/s of the training side's uint8 → float conversion of loader batches (`as_float`), on this CPU."""
+    batch = torch.zeros(args.batch, args.size, args.size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    start, n = clock(), 200
+    for _ in range(n):
+        as_float(batch)
+    return n * args.batch / (clock() - start)
 
 
 def read_rate(url: str) -> float:
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 "loader local, in-process, per CPU-s": lambda: loader_rate(local, args, 0, time.process_time),
                 "loader local, in-process, before, per CPU-s":
                     lambda: loader_rate(local, args, 0, time.process_time, uint8=False, tar_reader="webdataset"),
+                "uint8 → float on the training side": lambda: float_rate(args),
                 "training step (stage 2)": lambda: train_step_rate(args),
             }
             results: dict[str, list[float]] = {name: [] for name in measures}

@@ -15,6 +15,7 @@ far stay, the rest of that shard is skipped."""
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import webdataset as wds
@@ -41,9 +42,13 @@ def _number(field: bytes, what: str) -> int:
 
 
 def _checksum_ok(header: bytes) -> bool:
+    """The header's stored checksum against the sum of its bytes with the checksum field read as spaces. The sum
+    comes from zlib's Adler-32 of each 256-byte half, whose low 16 bits are 1 + the half's byte sum (at most
+    256 · 255 = 65280, below Adler's modulus 65521, so exact): a tenth of the time of summing in Python, which
+    was most of the reader's cost per member."""
     stored = _number(header[148:156], "chksum")
-    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    return stored == unsigned
+    total = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
+    return stored == total - sum(header[148:156]) + 8 * 32
 
 
 def _read(stream, count: int) -> bytes:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data_shards.loader import LoaderOptions, ShardDataset, as_float, collate, decode_sample, make_loader
-from data_shards.tarstream import TarStreamError, tar_members
+from data_shards.tarstream import TarStreamError, _checksum_ok, tar_members
 
 LONG = "a-very-long-sample-key-" + "x" * 120  # > 100 characters: a pax record or a GNU long-name member
 
@@ -63,6 +63,20 @@ def test_select_files_skips_members_unread():
     blob = _tar(tarfile.PAX_FORMAT, _members())
     got = list(tar_members(io.BytesIO(blob), select_files=lambda name: name.endswith(".json")))
     assert [n for n, _ in got] == [n for n, _ in _members() if n.endswith(".json")]
+
+
+def test_checksum_is_exact_for_any_header_bytes():
+    """The Adler-32 halves give the exact byte sum Python's tarfile computes, however large (up to 512 · 255)."""
+    rng = np.random.default_rng(0)
+    for fill in ("random", "max", "zero"):
+        for _ in range(20 if fill == "random" else 1):
+            header = bytearray(rng.integers(0, 256, 512, dtype=np.uint8).tobytes() if fill == "random"
+                               else (b"\xff" if fill == "max" else b"\0") * 512)
+            unsigned, _ = tarfile.calc_chksums(bytes(header))
+            header[148:156] = b"%06o\0 " % unsigned
+            assert _checksum_ok(bytes(header)), fill
+            header[148:156] = b"%06o\0 " % (unsigned + 1)
+            assert not _checksum_ok(bytes(header)), fill
 
 
 def test_damaged_header_and_cut_member_raise():

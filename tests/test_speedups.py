@@ -183,6 +183,36 @@ def test_aux_passes_stay_apart_when_batchnorm_trains(switches):
     assert calls == [4, 2, 2]
 
 
+def test_dense_grads_hands_the_upsampling_a_dense_gradient_of_the_same_values(switches):
+    from trainer.models import DenseGrad
+
+    x = torch.rand(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    seen = []
+    up = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    part = DenseGrad.apply(up)
+    part.register_hook(lambda grad: seen.append(grad.is_contiguous(memory_format=torch.channels_last)))
+    up.register_hook(lambda grad: seen.append(grad.is_contiguous(memory_format=torch.channels_last)))
+    both = torch.cat([part, torch.rand(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)], dim=1)
+    weights = torch.rand_like(both)
+    (both * weights).sum().backward()
+    # after the cat the part's gradient is a strided channel slice; DenseGrad's backward makes it dense
+    assert seen == [False, True]
+    expected = torch.autograd.grad(
+        (torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+         * weights[:, :4]).sum(), x)[0]
+    assert torch.allclose(x.grad, expected, atol=1e-6)
+    _, model, _ = _segmenter()
+    images = torch.rand(2, 3, 64, 64)
+
+    def grads():
+        model.zero_grad()
+        model(images, imagelets=False)["mask_logits"].square().mean().backward()
+        return [p.grad.clone() for p in model.mask_decoder.parameters()]
+
+    for a, b in zip(_with(switches, ["dense_grads"], grads), _with(switches, [], grads)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_run_batched_splits_the_logits_back_to_each_pass():
     seen = []
 

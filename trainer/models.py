@@ -72,6 +72,22 @@ class EfficientNetEncoder(nn.Module):
         return [images, *self.trunk.pyramid(images)]
 
 
+class DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands on the gradient as a dense tensor in the input's memory format. After
+    torch.cat the gradient of each part is a channel slice of the concatenation's, strided; the bilinear
+    upsampling's backward takes a slow path on such a gradient (3× on a CPU at 48 → 96 px; the speed-up
+    `dense_grads`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+
+
 class UNetDecoder(nn.Module):
     """Projects the deepest features, then per level: ×2 upsample, concatenate the skip, conv_block.
     Returns the output and the intermediate maps by stride (the low-resolution image-let head reads them)."""
@@ -95,6 +111,8 @@ class UNetDecoder(nn.Module):
         maps, stride = {}, 2 ** (len(feats) - 1)
         for stage, skip in zip(self.stages, reversed(feats[:-1])):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            if x.requires_grad and speedups.enabled("dense_grads"):
+                x = DenseGrad.apply(x)
             x = stage(torch.cat([x, skip], dim=1))
             stride //= 2
             maps[stride] = x

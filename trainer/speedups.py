@@ -14,11 +14,14 @@ from a config (the trainers call it), `enabled` reads them where the work is don
   BatchNorm into the convolution before it, on the fly from the current weights and running statistics (one
   convolution instead of a convolution and an affine pass, forward and backward);
 - `native_pad`: EfficientNet's TensorFlow "SAME" padding, where it is symmetric (every stride-1 convolution),
-  is the convolution's own zero padding instead of a padded copy of the input (stage 1 too).
+  is the convolution's own zero padding instead of a padded copy of the input (stage 1 too);
+- `dense_grads`: the decoder's upsampled maps get their gradient as a dense tensor (after torch.cat it is a
+  strided channel slice, on which the bilinear upsampling's backward takes a slow path).
 """
 from __future__ import annotations
 
-SPEEDUPS = ("blur_matmul", "aux_masks_only", "aux_batched", "frozen_no_grad", "bn_folded", "native_pad")
+SPEEDUPS = ("blur_matmul", "aux_masks_only", "aux_batched", "frozen_no_grad", "bn_folded", "native_pad",
+            "dense_grads")
 
 _enabled: set[str] = set(SPEEDUPS)
 
