@@ -213,6 +213,36 @@ def test_dense_grads_hands_the_upsampling_a_dense_gradient_of_the_same_values(sw
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_inplace_act_gives_the_same_values_and_gradients_in_training_and_eval(switches):
+    net = _frozen_net()
+    x = torch.rand(2, 3, 64, 64, requires_grad=True)
+    for mode in (True, False):  # stage 1 (BatchNorm on batch statistics) and g in stage 2 (eval, folded)
+        net.train(mode)
+
+        def run():
+            net.zero_grad()
+            torch.manual_seed(3)  # the same dropout draws
+            out = net(x)
+            (grad,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+            out.sum().backward()
+            return out.detach(), grad, [p.grad.clone() for p in net.parameters()]
+
+        base = _with(switches, ["bn_folded"], run)
+        fast = _with(switches, ["bn_folded", "inplace_act"], run)
+        assert torch.allclose(fast[0], base[0], atol=1e-6) and torch.allclose(fast[1], base[1], atol=1e-7)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast[2], base[2]))
+    _, model, _ = _segmenter()
+    images = torch.rand(2, 3, 64, 64)
+
+    def decoder_grads():
+        model.zero_grad()
+        model(images, imagelets=False)["mask_logits"].square().mean().backward()
+        return [p.grad.clone() for p in model.mask_decoder.parameters()]
+
+    for a, b in zip(_with(switches, ["inplace_act"], decoder_grads), _with(switches, [], decoder_grads)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
 def test_run_batched_splits_the_logits_back_to_each_pass():
     seen = []
 

@@ -90,6 +90,12 @@ class SameConv2d(nn.Conv2d):
         return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
 
+def relu6(x: torch.Tensor) -> torch.Tensor:
+    """ReLU6 of a fresh activation (a convolution's or BatchNorm's output): in place with the speed-up `inplace_act`
+    (one tensor less to allocate and write; autograd differentiates hardtanh_ from its result)."""
+    return F.relu6(x, inplace=speedups.enabled("inplace_act"))
+
+
 def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """bn(conv(x)). In eval mode (running statistics) with the speed-up `bn_folded` it is one convolution with
     the BatchNorm folded in, w·s and β − μ·s for s = γ / √(σ² + ε), computed from the current tensors on every
@@ -123,8 +129,8 @@ class MBConvBlock(nn.Module):
         self.residual = stride == 1 and c_in == c_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu6(conv_bn(self._expand_conv, self._bn0, x)) if self.expand else x
-        h = F.relu6(conv_bn(self._depthwise_conv, self._bn1, h))
+        h = relu6(conv_bn(self._expand_conv, self._bn0, x)) if self.expand else x
+        h = relu6(conv_bn(self._depthwise_conv, self._bn1, h))
         h = conv_bn(self._project_conv, self._bn2, h)
         return h + x if self.residual else h
 
@@ -176,13 +182,13 @@ class EfficientNetLite(nn.Module):
 
     def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Features at strides 2, 4, 8, 16 and the head features at stride 32."""
-        x = F.relu6(conv_bn(self._conv_stem, self._bn0, self.normalize(images)))
+        x = relu6(conv_bn(self._conv_stem, self._bn0, self.normalize(images)))
         feats = []
         for idx, block in enumerate(self._blocks):
             x = block(x)
             if idx in self.tap_blocks:
                 feats.append(x)
-        feats.append(F.relu6(conv_bn(self._conv_head, self._bn1, x)))
+        feats.append(relu6(conv_bn(self._conv_head, self._bn1, x)))
         return feats
 
     def head_features(self, images: torch.Tensor) -> torch.Tensor:

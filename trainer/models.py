@@ -15,11 +15,20 @@ from . import speedups
 from .losses import gaussian_blur
 
 
+class LeakyReLU(nn.Module):
+    """LeakyReLU(0.01) after a convolution; in place with the speed-up `inplace_act` (its input is the fresh
+    convolution output; autograd differentiates leaky_relu_ from its result). No parameters: the state_dict keys are
+    those of nn.LeakyReLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x, 0.01, inplace=speedups.enabled("inplace_act"))
+
+
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     """Two 3×3 convs with LeakyReLU(0.01) and no normalisation layer (paper)."""
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1), nn.LeakyReLU(0.01),
-        nn.Conv2d(c_out, c_out, 3, padding=1), nn.LeakyReLU(0.01),
+        nn.Conv2d(c_in, c_out, 3, padding=1), LeakyReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1), LeakyReLU(),
     )
 
 
@@ -97,7 +106,7 @@ class UNetDecoder(nn.Module):
         n_up = len(enc_channels) - 1
         if len(widths) != n_up:
             raise ValueError(f"model.decoder_widths needs {n_up} entries for this encoder, got {len(widths)}")
-        self.project = nn.Sequential(nn.Conv2d(enc_channels[-1], bottleneck, 1), nn.LeakyReLU(0.01))
+        self.project = nn.Sequential(nn.Conv2d(enc_channels[-1], bottleneck, 1), LeakyReLU())
         c_prev, stages = bottleneck, []
         for width, skip in zip(widths, reversed(enc_channels[:-1])):
             stages.append(conv_block(c_prev + skip, width))

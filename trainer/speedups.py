@@ -16,12 +16,13 @@ from a config (the trainers call it), `enabled` reads them where the work is don
 - `native_pad`: EfficientNet's TensorFlow "SAME" padding, where it is symmetric (every stride-1 convolution),
   is the convolution's own zero padding instead of a padded copy of the input (stage 1 too);
 - `dense_grads`: the decoder's upsampled maps get their gradient as a dense tensor (after torch.cat it is a
-  strided channel slice, on which the bilinear upsampling's backward takes a slow path).
+  strided channel slice, on which the bilinear upsampling's backward takes a slow path);
+- `inplace_act`: the activations after a convolution (EfficientNet's ReLU6, the decoder's LeakyReLU) in place.
 """
 from __future__ import annotations
 
 SPEEDUPS = ("blur_matmul", "aux_masks_only", "aux_batched", "frozen_no_grad", "bn_folded", "native_pad",
-            "dense_grads")
+            "dense_grads", "inplace_act")
 
 _enabled: set[str] = set(SPEEDUPS)
 
