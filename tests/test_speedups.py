@@ -181,6 +181,11 @@ def test_aux_passes_stay_apart_when_batchnorm_trains(switches):
     images, labels = torch.rand(4, 3, 64, 64), torch.tensor([[1.0], [0.0], [1.0], [0.0]])
     _, _, calls = _step_terms(model, g, cfg, list(speedups.SPEEDUPS), switches, images, labels)
     assert calls == [4, 2, 2]
+    sizes = []  # the model itself as `segment` (no AuxSegment): read from its modules too
+    model.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(len(args[0])), with_kwargs=True)
+    switches(list(speedups.SPEEDUPS))
+    objective(model(images), images, labels, g, cfg.objective, segment=model, step=300)
+    assert sizes == [4, 2, 2]
 
 
 def test_dense_grads_hands_the_upsampling_a_dense_gradient_of_the_same_values(switches):

@@ -162,12 +162,24 @@ def preserve_delete_objective(out: dict, I: torch.Tensor, y: torch.Tensor, g: Cl
             else:
                 passes[term.name] = term.aux(ctx)
     if passes:  # the mask network's extra passes: one forward (speed-up aux_batched) or one per term
-        batched = speedups.enabled("aux_batched") and getattr(segment, "batch_independent", True)
+        batched = speedups.enabled("aux_batched") and batch_independent(segment)
         values = (run_batched(list(passes.values()), segment) if batched
                   else [p.run(segment) for p in passes.values()])
         terms.update(zip(passes, values))
     terms["loss"] = weighted_loss(terms, cfg, step)
     return terms
+
+
+def batch_independent(segment) -> bool:
+    """Whether the mask network treats the images of a batch independently (no BatchNorm in training mode), so
+    that passes can share a forward: `segment.batch_independent` where it says (train.AuxSegment), else read from
+    its modules; a plain function (tests) is taken as independent."""
+    flag = getattr(segment, "batch_independent", None)
+    if flag is not None:
+        return bool(flag)
+    if isinstance(segment, torch.nn.Module):
+        return not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in segment.modules())
+    return True
 
 
 # ---- the two-stage baseline ----

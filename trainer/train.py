@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from . import speedups
@@ -22,7 +21,7 @@ from .files import stage_run_name, write_json
 from .loop import StageResult, StepMeter, start_stage
 from .model_uri import is_model_uri
 from .models import Segmenter, count_parameters
-from .objectives import objective
+from .objectives import batch_independent, objective
 from .selftrain import Teacher
 from .tracker import Tracker
 from .weights import build_segmenter, init_from_checkpoint, load_frozen_g, save_segmenter, segmenter_path
@@ -167,7 +166,7 @@ class AuxSegment:
     def __init__(self, engine):
         self.engine = engine
         self.masks_only = speedups.enabled("aux_masks_only")
-        self.batch_independent = not any(isinstance(m, _BatchNorm) and m.training for m in engine.module.modules())
+        self.batch_independent = batch_independent(engine.module)
 
     def __call__(self, images: torch.Tensor) -> dict:
         return self.engine(images, imagelets=False) if self.masks_only else self.engine(images)
