@@ -489,7 +489,8 @@ def equivalence_worker(params: dict) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank_with_double_batch(work, toy_dataset):
+@pytest.mark.parametrize("speedups, later_rel", [("none", 1e-4), ("default", 2e-4)])
+def test_two_ranks_equal_one_rank_with_double_batch(work, toy_dataset, speedups, later_rel):
     """ZeRO-2 with 2 ranks × 4 images against 1 rank × 8 images, the same images in every step.
 
     Tolerance. Both runs compute the same sums in a different order (two half-batch means averaged by the
@@ -502,7 +503,11 @@ def test_two_ranks_equal_one_rank_with_double_batch(work, toy_dataset):
     1.4e-7, 0.3 % of elements above 1e-5, the largest 7.2e-4 and a step-4 loss drift of 2.4e-5. We allow a
     mean of 2e-6 and a maximum of 5e-3 (the distance Adam can move an element in 5 steps). A real error is far
     outside: ranks reading the same images change the step-0 loss by percents; a missing gradient all-reduce
-    makes the ranks take different steps on every element (mean |Δw| ~ lr, 500× the allowed mean)."""
+    makes the ranks take different steps on every element (mean |Δw| ~ lr, 500× the allowed mean).
+
+    Run twice: with the exact speed-ups off (`train.speedups=[]`, the kernels the tolerances above were measured on)
+    and on (the default). Their blur and folded BatchNorm round differently, and on 2026-12-06 the step-4 loss drift
+    came out at 1.1e-4 with them: after step 0 that run allows 2e-4; step 0 and the weights keep their bounds."""
     work, common = work
     params = {"config": str(REPO / "configs/toy_birds.yaml"),
               # L_paste pairs positives with negatives inside a micro-batch and L_erase averages over a micro-batch's
@@ -511,17 +516,19 @@ def test_two_ranks_equal_one_rank_with_double_batch(work, toy_dataset):
               # lowres head, where the tolerance below was measured; local-mean divisions amplify float noise
               # on near-zero Adam denominators to ~1 step on a few elements)
               "overrides": [str(c) for c in common[2:]] + ["train.checkpoint_every=0", "objective.paste_weight=0",
-                                                                 "objective.erase_weight=0", "model.imagelet_head=lowres"]}
+                                                                 "objective.erase_weight=0", "model.imagelet_head=lowres"]
+              + (["train.speedups=[]"] if speedups == "none" else []) + [f"train.out_dir={work / ('eq-' + speedups)}"]}
     script = Path(__file__).resolve()
     one = [sys.executable, script, "equivalence", json.dumps(params)]
-    _run(one, work / "eq1.log", work)
+    _run(one, work / f"eq1-{speedups}.log", work)
     two = deepspeed_cmd("--num_accelerators", 2, "--master_port", _free_port(), script, "equivalence",
                         json.dumps(params))
-    _run(two, work / "eq2.log", work)
-    run1, run2 = work / "runs" / f"eq-1x{2 * EQ_MICRO}", work / "runs" / f"eq-2x{EQ_MICRO}"
+    _run(two, work / f"eq2-{speedups}.log", work)
+    runs = work / f"eq-{speedups}"
+    run1, run2 = runs / f"eq-1x{2 * EQ_MICRO}", runs / f"eq-2x{EQ_MICRO}"
     one_rank, two_ranks = _history(run1), _history(run2)
     assert two_ranks[0] == pytest.approx(one_rank[0], rel=1e-6)
-    assert two_ranks == pytest.approx(one_rank, rel=1e-4)
+    assert two_ranks == pytest.approx(one_rank, rel=later_rel)
     assert one_rank[-1] < 0.9 * one_rank[0]  # the weights did move
     a, b = _state_dict(run1), _state_dict(run2)
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a if a[k].is_floating_point()])

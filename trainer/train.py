@@ -166,7 +166,7 @@ class AuxSegment:
     def __init__(self, engine):
         self.engine = engine
         self.masks_only = speedups.enabled("aux_masks_only")
-        self.batch_independent = batch_independent(engine.module)
+        self.batch_independent = batch_independent(getattr(engine, "module", engine))
 
     def __call__(self, images: torch.Tensor) -> dict:
         return self.engine(images, imagelets=False) if self.masks_only else self.engine(images)
