@@ -8,7 +8,7 @@ import torch
 
 from trainer import speedups
 from trainer.config import ConfigError, load_config
-from trainer.effnet import EfficientNetLite0, SameConv2d
+from trainer.effnet import EfficientNetLite0, SameConv2d, mirrored, relu6
 from trainer.losses import AuxPass, blur_matrix, gaussian_blur, run_batched
 from trainer.models import FrozenClassifier, Segmenter
 from trainer.objectives import objective
@@ -84,7 +84,7 @@ def test_bn_folded_and_native_pad_give_g_the_same_logits_and_input_gradients(swi
         return out.detach(), grad
 
     base_out, base_grad = _with(switches, [], run)
-    for names in (["bn_folded"], ["native_pad"], ["bn_folded", "native_pad"]):
+    for names in (["bn_folded"], ["native_pad"], ["mirror_pad"], ["bn_folded", "native_pad", "mirror_pad"]):
         out, grad = _with(switches, names, run)
         assert torch.allclose(out, base_out, rtol=1e-4, atol=1e-4), names
         assert torch.allclose(grad, base_grad, rtol=1e-3, atol=1e-6), names
@@ -115,6 +115,63 @@ def test_native_pad_only_where_same_padding_is_symmetric(switches):
         x = torch.rand(1, 2, size, size)
         assert torch.allclose(_with(switches, ["native_pad"], lambda: conv(x)), _with(switches, [], lambda: conv(x)),
                               atol=1e-6), (kernel, stride, size)
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(3, 1, 9), (5, 1, 8), (1, 1, 6), (3, 2, 8), (3, 2, 7), (5, 2, 8),
+                                                  (5, 2, 9), (3, 2, 2), (5, 2, 3), (3, 2, 1)])
+def test_a_mirrored_same_convolution_is_the_mirror_of_the_convolution(switches, kernel, stride, size):
+    # every SAME case EfficientNet meets (odd and even sizes, stride 1 and 2, the 2 × 2 and 3 × 3 maps of 64 and
+    # 96 px): conv(mirror(x)) in the mirrored domain = mirror(conv(x)), forward and gradients
+    torch.manual_seed(0)
+    conv = SameConv2d(2, 3, kernel, stride=stride, bias=True)
+    x = torch.rand(2, 2, size, size + 1, dtype=torch.float64, requires_grad=True)
+    conv = conv.double()
+    switches([])
+    out = conv(x)
+    grads = torch.autograd.grad((out * out).sum(), (x, conv.weight))
+    with mirrored():
+        m_out = conv(x.flip(-2, -1)).flip(-2, -1)
+    m_grads = torch.autograd.grad((m_out * m_out).sum(), (x, conv.weight))
+    assert m_out.shape == out.shape
+    assert torch.allclose(m_out, out, atol=1e-12)
+    for a, b in zip(m_grads, grads):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_mirror_pad_gives_the_same_cam_maps_and_stage_one_gradients(switches):
+    net = _frozen_net().eval()
+    x = torch.rand(2, 3, 96, 96)
+    base_logits, base_maps = _with(switches, [], lambda: net.cam(x))
+    logits, maps = _with(switches, ["mirror_pad"], lambda: net.cam(x))
+    assert maps.shape == base_maps.shape == (2, 1, 3, 3)
+    assert torch.allclose(logits, base_logits, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(maps, base_maps, rtol=1e-4, atol=1e-5)  # flipped back: the same cell, not its mirror
+    assert not torch.allclose(base_maps, base_maps.flip(-2, -1), atol=1e-3)  # (which would be told apart)
+    # stage 1: BatchNorm's batch statistics, dropout and the weight gradients are mirror-invariant too (in float64:
+    # a random 16-block net in float32 amplifies rounding through batch statistics of 2 images)
+    net, x = net.double().train(), x.double()
+    ref = copy.deepcopy(net)
+    _with(switches, ["mirror_pad"], lambda: (torch.manual_seed(1), net(x))[1].sum().backward())
+    _with(switches, [], lambda: (torch.manual_seed(1), ref(x))[1].sum().backward())
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name
+    assert net._conv_stem.weight.grad.abs().max() > 0.1  # gradients that are there to compare
+    assert torch.allclose(net._bn0.running_mean, ref._bn0.running_mean, atol=1e-12)
+
+
+def test_inplace_relu6_under_autograd_is_exact_and_copies_nothing(switches):
+    x = torch.tensor([-1.0, 0.0, 0.5, 6.0, 7.0, 3.0], requires_grad=True)
+    grad = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    switches([])
+    base = torch.nn.functional.relu6(x * 1.0)
+    (base_grad,) = torch.autograd.grad(base, x, grad)
+    switches(["inplace_act"])
+    fresh = x * 1.0
+    out = relu6(fresh)
+    assert out.data_ptr() == fresh.data_ptr()  # in place
+    (fast_grad,) = torch.autograd.grad(out, x, grad)
+    assert torch.equal(out, base) and torch.equal(fast_grad, base_grad)
+    assert fast_grad.tolist() == [0.0, 0.0, 3.0, 0.0, 0.0, 6.0]  # hardtanh's rule: 0 at x ≤ 0 and x ≥ 6
 
 
 def _segmenter(trainable=False):

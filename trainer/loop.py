@@ -29,6 +29,7 @@ class LoopState:
     step: int = 0  # optimizer steps done
     samples: int = 0  # training images consumed by all ranks together: the data position
     history: list = field(default_factory=list)  # all-reduced mean loss of every step
+    selection: dict = field(default_factory=dict)  # train.select_split's scores and choice (trainer/select.py)
 
 
 class StepMeter:

@@ -15,14 +15,19 @@ from a config (the trainers call it), `enabled` reads them where the work is don
   convolution instead of a convolution and an affine pass, forward and backward);
 - `native_pad`: EfficientNet's TensorFlow "SAME" padding, where it is symmetric (every stride-1 convolution),
   is the convolution's own zero padding instead of a padded copy of the input (stage 1 too);
+- `mirror_pad`: the rest of that padding, stride 2's asymmetric one (one more row and column at the bottom
+  right), vanishes in the mirrored image: g's classification and CAM forwards (stage 1, stage 2, evaluation) run
+  on the input flipped in both axes with flipped kernels, where every stride-2 layer pads symmetrically too
+  (`effnet.mirrored`); the pooled logits need no flip back, the CAM maps one;
 - `dense_grads`: the decoder's upsampled maps get their gradient as a dense tensor (after torch.cat it is a
   strided channel slice, on which the bilinear upsampling's backward takes a slow path);
-- `inplace_act`: the activations after a convolution (EfficientNet's ReLU6, the decoder's LeakyReLU) in place.
+- `inplace_act`: the activations after a convolution (EfficientNet's ReLU6, the decoder's LeakyReLU) in place
+  (ReLU6 under autograd through a function whose backward reads the result: torch's relu6_ clones its input).
 """
 from __future__ import annotations
 
 SPEEDUPS = ("blur_matmul", "aux_masks_only", "aux_batched", "frozen_no_grad", "bn_folded", "native_pad",
-            "dense_grads", "inplace_act")
+            "mirror_pad", "dense_grads", "inplace_act")
 
 _enabled: set[str] = set(SPEEDUPS)
 

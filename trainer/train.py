@@ -22,6 +22,7 @@ from .loop import StageResult, StepMeter, start_stage
 from .model_uri import is_model_uri
 from .models import Segmenter, count_parameters
 from .objectives import batch_independent, objective
+from .select import Selector, check_select_split
 from .selftrain import Teacher
 from .tracker import Tracker
 from .weights import build_segmenter, init_from_checkpoint, load_frozen_g, save_segmenter, segmenter_path
@@ -90,6 +91,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     said about g and `model.init_from` (`model_uri.resolve_classifier`, `resolve_init_from`)."""
     lineage = dict(lineage or {})
     speedups.configure(cfg)
+    check_select_split(cfg)  # before the run folder is touched
     rank, world, out = start_stage(cfg)
     classes = dataset_classes(cfg)
     model, g, init_tags = build_models(cfg, classes, lineage, out)
@@ -106,6 +108,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     if checkpoints.resume_from and 0 <= unfreeze_step < checkpoints.resume_from.step:
         unfreeze_encoder(model, optimizer, cfg.train.lr)  # the saved optimizer state has that group
     state = checkpoints.restore(engine)
+    selector = Selector(cfg, classes, g, out, state.selection)  # train.select_split (off when empty)
     accum, micro = ds_config["gradient_accumulation_steps"], cfg.data.batch_size
     if batches is None:
         batches = resumable_batches(cfg, seed=cfg.train.seed + 1, batch_size=micro, samples_seen=state.samples)
@@ -129,11 +132,14 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
         if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
             tracker.log_metrics(record, step)
         if checkpoints.due(state.step):
+            selector.score(engine, state.step, tracker)  # before the checkpoint, which then holds its score
             checkpoints.save(engine, state)
+    selector.score(engine, state.step, tracker)
     state_dict = checkpoints.finish(engine, state)  # final checkpoint; every rank gathers, rank 0 gets it
     path = segmenter_path(cfg)
     if rank == 0:
         save_segmenter(state_dict, cfg, classes, path)
+        selector.finish(path, tracker)
         finish_run(out, tracker, state, record, time.time() - meter.start, world, path)
     return StageResult("segmenter", path, tracker.run_id, lineage)
 
@@ -177,7 +183,7 @@ def finish_run(out: Path, tracker: Tracker, state, record: dict, seconds: float,
     write_json(out / "train_history.json", {
         "loss": state.history, "seconds": seconds, "world_size": world,
         "images_per_s": record.get("train/images_per_s"),
-        "images_per_s_per_rank": record.get("train/images_per_s_rank")})
+        "images_per_s_per_rank": record.get("train/images_per_s_rank"), "selection": state.selection})
     tracker.log_artifact(out / "config.yaml")
     tracker.finish()
     speed = (f", {record['train/images_per_s']:.1f} img/s total, {record['train/images_per_s_rank']:.1f} "

@@ -1,0 +1,103 @@
+"""Keep the best weights of stage 2 by a held-out split (`train.select_split`, e.g. val), as transformers'
+`load_best_model_at_end` does with `metric_for_best_model`: at every checkpoint step and at the last step the
+segmenter is scored on that split with the product's own inference (`eval.*`: flip, CRF, `eval.fg_threshold`,
+`eval.gate_threshold`, `eval.tag_threshold`; thresholds are not searched here), by mIoU over the positive images
+(`wsssrec eval`'s mIoU); the best so far is written to <run>/segmenter_best.pt, and at the end segmenter.pt is
+the best one (the last weights stay in segmenter_last.pt). The scores and the chosen step travel in every
+checkpoint (a resumed run keeps choosing among all of them), in train_history.json and in MLflow
+(`select/<split>_miou` per scored step, `select/step`, `select/<split>_miou_best`).
+
+Why (docs/results.md, 2026-12-06 afternoon): on toy-birds the masks peak and then shrink or drift on some seeds,
+and which step is best differs per seed; val picked the better of the kept checkpoints on every run measured."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .checkpoint import consolidated_state_dict
+from .config import Config, ConfigError
+from .data import eval_batches, split_has_masks
+from .effnet import EfficientNetLite
+from .files import atomic_copy
+from .inference import PredictSettings, predict_masks
+from .metrics import SegmentationMeter
+from .weights import build_segmenter, save_segmenter
+
+BEST_FILE, LAST_FILE = "segmenter_best.pt", "segmenter_last.pt"
+
+
+def check_select_split(cfg: Config) -> None:
+    """A named select split must exist in the data set and have masks (checked before any training)."""
+    split = cfg.train.select_split
+    if split and not split_has_masks(cfg, split):
+        raise ConfigError(f"train.select_split={split!r}: that split of {cfg.data.url} has no masks to score "
+                          "the segmenter on (name an evaluation split, e.g. val, or leave it empty)")
+
+
+@torch.no_grad()
+def split_miou(model, g, cfg: Config, split: str, num_labels: int, device: torch.device) -> float:
+    """mIoU (over positive images, `wsssrec eval`'s) of `model` on `split` with the configured inference."""
+    settings = PredictSettings.of(cfg.eval)
+    meter = SegmentationMeter(num_labels)
+    for batch in tqdm(eval_batches(cfg, split), desc=f"select on {split}", leave=False, dynamic_ncols=True):
+        images = batch["image"].to(device)
+        labels = predict_masks(model, images, settings, g, cfg.objective).labels
+        meter.update(labels, batch["mask"], batch["labels"].sum(1) > 0)
+    return meter.summary()["miou"]
+
+
+class Selector:
+    """Scores the engine's weights on `train.select_split` at the steps it is called for (every rank calls it:
+    gathering ZeRO-3 weights is collective) and keeps the best on rank 0. Its record ({"scores": {step: mIoU},
+    "step", "score"}) lives in LoopState.selection, so it is saved with every checkpoint."""
+
+    def __init__(self, cfg: Config, classes: list[str], g, out: Path, selection: dict):
+        self.cfg, self.classes, self.g, self.out = cfg, classes, g, out
+        self.split = cfg.train.select_split
+        self.record = selection
+        self.record.setdefault("split", self.split)
+        self.record.setdefault("scores", {})
+
+    @property
+    def active(self) -> bool:
+        return bool(self.split)
+
+    def score(self, engine, step: int, tracker=None) -> float | None:
+        """Score the weights after `step` optimizer steps (once per step); write segmenter_best.pt when best."""
+        if not self.active or str(step) in self.record["scores"]:
+            return None
+        state = consolidated_state_dict(engine.module)
+        value = None
+        if dist.get_rank() == 0:
+            model = build_segmenter(self.cfg, len(self.classes),
+                                    EfficientNetLite(num_classes=len(self.classes), arch=self.cfg.classifier.arch))
+            model.load_state_dict(state, strict=True)
+            model.to(engine.device).eval()
+            value = split_miou(model, self.g, self.cfg, self.split, len(self.classes) + 1, engine.device)
+            self.record["scores"][str(step)] = value
+            best = self.record.get("score")
+            if best is None or (not math.isnan(value) and value > best):
+                self.record.update(step=step, score=value)
+                save_segmenter(state, self.cfg, self.classes, self.out / BEST_FILE)
+            if tracker is not None:
+                tracker.log_metrics({f"select/{self.split}_miou": value}, step)
+            print(f"\nselect: {self.split} mIoU {value:.4f} at step {step} (best {self.record['score']:.4f} at step "
+                  f"{self.record['step']})")
+        dist.barrier()
+        return value
+
+    def finish(self, path: Path, tracker=None) -> None:
+        """Rank 0, after the final weights: segmenter_last.pt = them, segmenter.pt = the best."""
+        if not self.active or dist.get_rank() != 0:
+            return
+        atomic_copy(path, self.out / LAST_FILE)
+        atomic_copy(self.out / BEST_FILE, path)
+        if tracker is not None:
+            tracker.log_metrics({"select/step": self.record["step"],
+                                 f"select/{self.split}_miou_best": self.record["score"]}, self.record["step"])
+        print(f"select: segmenter.pt is step {self.record['step']} ({self.split} mIoU {self.record['score']:.4f}); "
+              f"the last weights are in {self.out / LAST_FILE}")
