@@ -12,6 +12,7 @@ and which step is best differs per seed; val picked the better of the kept check
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,12 +20,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import consolidated_state_dict
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ObjectiveConfig
 from .data import eval_batches, split_has_masks
 from .effnet import EfficientNetLite
 from .files import atomic_copy
 from .inference import PredictSettings, predict_masks
 from .metrics import SegmentationMeter
+from .objectives import objective
 from .weights import build_segmenter, save_segmenter
 
 BEST_FILE, LAST_FILE = "segmenter_best.pt", "segmenter_last.pt"
@@ -39,15 +41,30 @@ def check_select_split(cfg: Config) -> None:
 
 
 @torch.no_grad()
-def split_miou(model, g, cfg: Config, split: str, num_labels: int, device: torch.device) -> float:
-    """mIoU (over positive images, `wsssrec eval`'s) of `model` on `split` with the configured inference."""
-    settings = PredictSettings.of(cfg.eval)
-    meter = SegmentationMeter(num_labels)
-    for batch in tqdm(eval_batches(cfg, split), desc=f"select on {split}", leave=False, dynamic_ncols=True):
-        images = batch["image"].to(device)
-        labels = predict_masks(model, images, settings, g, cfg.objective).labels
-        meter.update(labels, batch["mask"], batch["labels"].sum(1) > 0)
-    return meter.summary()["miou"]
+def split_scores(model, g, cfg: Config, split: str, num_labels: int, reference: ObjectiveConfig | None = None,
+                 device: torch.device | None = None) -> dict[str, float]:
+    """`wsssrec eval`'s scores of the method on `split` (mIoU, per-label IoU, boundary F at 2 px; predicted with the
+    configured inference: `eval.flip`, `eval.fg_threshold`, the gates, the CRF) when the split has masks, and with
+    `reference` the mean loss under those objective weights ("loss"; L_paste left out: it only exists in training)."""
+    from .evaluate import SplitScores
+
+    has_masks = split_has_masks(cfg, split)
+    scored = SplitScores({"method": SegmentationMeter(num_labels)}, {"method": {}})
+    weights = None if reference is None else replace(reference, paste_weight=0.0)
+    loss_sum, images_seen = 0.0, 0
+    for batch in tqdm(eval_batches(cfg, split), desc=f"score {split}", leave=False, dynamic_ncols=True):
+        images, labels = batch["image"].to(device or "cpu"), batch["labels"].to(device or "cpu")
+        out = model(images)
+        if weights is not None:
+            loss_sum += float(objective(out, images, labels, g, weights, training=False)["loss"]) * images.shape[0]
+            images_seen += images.shape[0]
+        if has_masks:
+            pred = predict_masks(model, images, PredictSettings.of(cfg.eval), g, cfg.objective, out).labels
+            scored.update({"method": pred.cpu()}, batch, num_labels)
+    scores = {"loss": loss_sum / max(images_seen, 1)} if weights is not None else {}
+    if has_masks:
+        scores.update({**scored.meters["method"].summary(), **scored.boundary["method"].summary()})
+    return scores
 
 
 class Selector:
@@ -77,7 +94,8 @@ class Selector:
                                     EfficientNetLite(num_classes=len(self.classes), arch=self.cfg.classifier.arch))
             model.load_state_dict(state, strict=True)
             model.to(engine.device).eval()
-            value = split_miou(model, self.g, self.cfg, self.split, len(self.classes) + 1, engine.device)
+            value = split_scores(model, self.g, self.cfg, self.split, len(self.classes) + 1,
+                                 device=engine.device)["miou"]
             self.record["scores"][str(step)] = value
             best = self.record.get("score")
             if best is None or (not math.isnan(value) and value > best):

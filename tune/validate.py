@@ -4,17 +4,13 @@ taken under the experiment's own objective weights, not the trial's λ_m and λ_
 different weights are compared on one scale."""
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from trainer.config import Config, ObjectiveConfig
-from trainer.data import dataset_classes, eval_batches, split_has_masks
-from trainer.evaluate import SplitScores
-from trainer.inference import PredictSettings, predict_masks
-from trainer.metrics import SegmentationMeter
-from trainer.objectives import objective
+from trainer.data import dataset_classes, split_has_masks
+from trainer.select import split_scores
 from trainer.weights import load_frozen_g, load_segmenter
 
 
@@ -41,27 +37,12 @@ def validation_metrics(cfg: Config, segmenter_path: str | Path, split: str,
                        reference: ObjectiveConfig) -> dict[str, float]:
     """mIoU, per-label IoU and boundary F at 2 px (when `split` has masks; predicted with `eval.flip`,
     `eval.fg_threshold`, the preserve gate at `eval.gate_threshold` and the CRF, as `wsssrec eval` predicts) and
-    the mean loss under `reference` weights."""
+    the mean loss under `reference` weights (`trainer.select.split_scores`)."""
     classes = dataset_classes(cfg)
     g_net, g = load_frozen_g(cfg, len(classes))
     model, _, _ = load_segmenter(segmenter_path, g_net)
     model.eval()
-    has_masks = split_has_masks(cfg, split)
-    num_labels = len(classes) + 1
-    scored = SplitScores({"method": SegmentationMeter(num_labels)}, {"method": {}})  # as `wsssrec eval` scores
-    weights = replace(reference, paste_weight=0.0)  # L_paste only exists while training
-    loss_sum, images_seen = 0.0, 0
-    for batch in eval_batches(cfg, split):
-        images, labels = batch["image"], batch["labels"]
-        out = model(images)
-        terms = objective(out, images, labels, g, weights, training=False)
-        loss_sum += float(terms["loss"]) * images.shape[0]
-        images_seen += images.shape[0]
-        if has_masks:
-            pred = predict_masks(model, images, PredictSettings.of(cfg.eval), g, cfg.objective, out).labels
-            scored.update({"method": pred}, batch, num_labels)
-    metrics = {metric_key(split, "loss"): loss_sum / max(images_seen, 1)}
-    if has_masks:
-        summary = {**scored.meters["method"].summary(), **scored.boundary["method"].summary()}
-        metrics.update({f"{split}/method/{k}": v for k, v in summary.items()})
+    scores = split_scores(model, g, cfg, split, len(classes) + 1, reference)
+    metrics = {metric_key(split, "loss"): scores.pop("loss")}
+    metrics.update({f"{split}/method/{k}": v for k, v in scores.items()})
     return metrics
