@@ -87,3 +87,22 @@ def test_a_select_split_without_masks_is_refused_before_the_run_folder_is_touche
     with pytest.raises(ConfigError, match=r"train.select_split='train'.*no masks"):
         train_segmenter(_config(toy_dataset, tmp_path, steps=2, split="train"))
     assert not (tmp_path / "runs" / "sel").exists()
+
+
+@pytest.mark.parametrize("delta, scores, chosen", [
+    (0.0, [0.30, 0.50, 0.45], 4),                 # strictly the best
+    (0.02, [0.50, 0.49, 0.40], 4),                # 0.49 is within 0.02 of 0.50: the later step is kept
+    (0.02, [0.30, 0.52, 0.49, 0.515], 8),         # within 0.02 of the best (0.52), the latest such step
+    (0.02, [0.52, 0.49, 0.495], 2),               # never within 0.02 of step 2's 0.52
+    (0.02, [float("nan"), 0.10], 4),              # a number beats a NaN (no positive image scored)
+    (0.02, [0.20, float("nan")], 2),
+])
+def test_min_delta_keeps_the_latest_step_within_it_of_the_best(delta, scores, chosen):
+    cfg = load_config("configs/toy_birds.yaml", [f"train.select_min_delta={delta}"])
+    selector = select.Selector(cfg, ["bird"], None, None, {})
+    for i, value in enumerate(scores):
+        step = 2 * (i + 1)
+        selector.record["scores"][str(step)] = value
+        if selector.chooses(value):
+            selector.record.update(step=step, score=value)
+    assert selector.record["step"] == chosen

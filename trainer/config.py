@@ -169,6 +169,9 @@ class TrainConfig:
     # stage 2: score the weights on this split at every checkpoint step and the last, and make segmenter.pt the best
     # by mIoU (trainer/select.py); "" = the last weights
     select_split: str = ""
+    # ... preferring later weights: a step is chosen when its mIoU is within this of the best so far (Keras'
+    # EarlyStopping min_delta); 0 = strictly the best
+    select_min_delta: float = 0.0
     resume: str = "auto"  # "auto" (newest complete checkpoint of this run, if any) | "never" | a checkpoint folder
     deepspeed: str = "configs/deepspeed/zero0.json"  # a DeepSpeed JSON, or zero0 | zero1 | zero2 | zero3
     bf16: bool = False  # bf16 autocast (DeepSpeed torch_autocast): bf16 compute, fp32 weights and Adam state

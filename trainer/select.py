@@ -3,7 +3,9 @@
 segmenter is scored on that split with the product's own inference (`eval.*`: flip, CRF, `eval.fg_threshold`,
 `eval.gate_threshold`, `eval.tag_threshold`; thresholds are not searched here), by mIoU over the positive images
 (`wsssrec eval`'s mIoU); the best so far is written to <run>/segmenter_best.pt, and at the end segmenter.pt is
-the best one (the last weights stay in segmenter_last.pt). The scores and the chosen step travel in every
+the best one (the last weights stay in segmenter_last.pt). With `train.select_min_delta` > 0 later weights are
+preferred: the kept step is the latest whose score is within min_delta of the best (Keras' EarlyStopping
+`min_delta`), so a noise-sized val difference does not send the run back to an earlier step. The scores and the chosen step travel in every
 checkpoint (a resumed run keeps choosing among all of them), in train_history.json and in MLflow
 (`select/<split>_miou` per scored step, `select/step`, `select/<split>_miou_best`).
 
@@ -83,6 +85,17 @@ class Selector:
     def active(self) -> bool:
         return bool(self.split)
 
+    def chooses(self, value: float) -> bool:
+        """Whether weights scoring `value` (the latest scored) become the choice: the first, or within
+        `train.select_min_delta` of the best score so far (so the latest step whose score is that close to the
+        best is the one kept). A NaN score (no positive image scored) is never chosen over a number."""
+        scores = [v for v in self.record["scores"].values() if not math.isnan(v)]
+        if "step" not in self.record:
+            return True
+        if math.isnan(value):
+            return False
+        return value >= max(scores) - self.cfg.train.select_min_delta
+
     def score(self, engine, step: int, tracker=None) -> float | None:
         """Score the weights after `step` optimizer steps (once per step); write segmenter_best.pt when best."""
         if not self.active or str(step) in self.record["scores"]:
@@ -97,14 +110,13 @@ class Selector:
             value = split_scores(model, self.g, self.cfg, self.split, len(self.classes) + 1,
                                  device=engine.device)["miou"]
             self.record["scores"][str(step)] = value
-            best = self.record.get("score")
-            if best is None or (not math.isnan(value) and value > best):
+            if self.chooses(value):
                 self.record.update(step=step, score=value)
                 save_segmenter(state, self.cfg, self.classes, self.out / BEST_FILE)
             if tracker is not None:
                 tracker.log_metrics({f"select/{self.split}_miou": value}, step)
-            print(f"\nselect: {self.split} mIoU {value:.4f} at step {step} (best {self.record['score']:.4f} at step "
-                  f"{self.record['step']})")
+            print(f"\nselect: {self.split} mIoU {value:.4f} at step {step} (chosen: step {self.record['step']}, "
+                  f"{self.record['score']:.4f})")
         dist.barrier()
         return value
 
