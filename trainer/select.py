@@ -97,22 +97,28 @@ class Selector:
         return value >= max(scores) - self.cfg.train.select_min_delta
 
     def score(self, engine, step: int, tracker=None) -> float | None:
-        """Score the weights after `step` optimizer steps (once per step); write segmenter_best.pt when best."""
+        """Score the weights after `step` optimizer steps (once per step); write segmenter_best.pt when chosen.
+        Rank 0 scores; the score is broadcast, so every rank keeps the same record (and makes the same calls)."""
         if not self.active or str(step) in self.record["scores"]:
             return None
         state = consolidated_state_dict(engine.module)
-        value = None
-        if dist.get_rank() == 0:
+        rank0 = dist.get_rank() == 0
+        result: list = [None]
+        if rank0:
             model = build_segmenter(self.cfg, len(self.classes),
                                     EfficientNetLite(num_classes=len(self.classes), arch=self.cfg.classifier.arch))
             model.load_state_dict(state, strict=True)
             model.to(engine.device).eval()
-            value = split_scores(model, self.g, self.cfg, self.split, len(self.classes) + 1,
-                                 device=engine.device)["miou"]
-            self.record["scores"][str(step)] = value
-            if self.chooses(value):
-                self.record.update(step=step, score=value)
+            result[0] = split_scores(model, self.g, self.cfg, self.split, len(self.classes) + 1,
+                                     device=engine.device)["miou"]
+        dist.broadcast_object_list(result, src=0)
+        value = float(result[0])
+        self.record["scores"][str(step)] = value
+        if self.chooses(value):
+            self.record.update(step=step, score=value)
+            if rank0:
                 save_segmenter(state, self.cfg, self.classes, self.out / BEST_FILE)
+        if rank0:
             if tracker is not None:
                 tracker.log_metrics({f"select/{self.split}_miou": value}, step)
             print(f"\nselect: {self.split} mIoU {value:.4f} at step {step} (chosen: step {self.record['step']}, "
