@@ -5,7 +5,8 @@ from, with the per-class area bounds (`objective.class_area_weight`, log floor) 
 its class than of the images without its tag, on the training images and on val: the class components are
 alive and follow the tags (from scratch, toy-multi's earlier setting, area 8 and absent 4 without these
 terms, ends with every class component empty; docs/results.md "Multi-class from scratch, 2026-12-02"). The area is the soft one, a_c = mean_px M_c: at this budget
-no class wins the argmax anywhere yet (the hard areas are printed too, and are 0)."""
+no class wins the argmax anywhere yet (the hard areas are printed too, and are 0). "Clearly more": the mean area
+0.02 above, and a tagged image's area above an untagged one's at least 3 times in 4 (AUROC ≥ 0.75)."""
 import numpy as np
 import pytest
 import torch
@@ -56,8 +57,25 @@ def test_every_class_owns_its_tagged_images(scratch_segmenter, toy_multi_dataset
     tags = got["tags"]
     report = {name: {kind: (float(got[kind][tags[:, c], c].mean()), float(got[kind][~tags[:, c], c].mean()))
                      for kind in ("soft", "hard")} for c, name in enumerate(["bird", "mammal", "fish", "fruit"])}
-    print(split, report)
+    aurocs = {name: auroc(got["soft"][:, c], tags[:, c]) for c, name in enumerate(report)}
+    print(split, report, aurocs)
     for c, name in enumerate(["bird", "mammal", "fish", "fruit"]):
         on, off = report[name]["soft"]
         assert on > 0.05, (split, name, report)  # alive: not the all-background collapse (a_c → 0)
-        assert on > 1.5 * off and on - off > 0.02, (split, name, report)
+        assert on - off > 0.02, (split, name, report)
+        # image by image: a tagged image's class area beats an untagged one's at least 3 times in 4. (A ratio of the
+        # means, 1.5x before, hung on a few untagged images: float rounding alone moved val mammal's from 2.31 to
+        # 1.50 while this stayed at 0.81-0.83; docs/benchmarks.md, 2026-12-06 afternoon.)
+        assert aurocs[name] >= 0.75, (split, name, aurocs)
+
+
+def auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counting half (the area under the ROC curve)."""
+    pos, neg = score[positive][:, None], score[~positive][None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+def test_auroc_by_hand():
+    score = np.array([0.9, 0.4, 0.4, 0.1])
+    assert auroc(score, np.array([True, True, False, False])) == 0.875  # pairs: 1, 1, 0.5, 1 of 4
+    assert auroc(score, np.array([False, False, True, True])) == 0.125
