@@ -25,6 +25,7 @@ from .checkpoint import consolidated_state_dict
 from .config import Config, ConfigError, ObjectiveConfig
 from .data import eval_batches, split_has_masks
 from .effnet import EfficientNetLite
+from .evaluate import SplitScores
 from .files import atomic_copy
 from .inference import PredictSettings, predict_masks
 from .metrics import SegmentationMeter
@@ -48,8 +49,6 @@ def split_scores(model, g, cfg: Config, split: str, num_labels: int, reference: 
     """`wsssrec eval`'s scores of the method on `split` (mIoU, per-label IoU, boundary F at 2 px; predicted with the
     configured inference: `eval.flip`, `eval.fg_threshold`, the gates, the CRF) when the split has masks, and with
     `reference` the mean loss under those objective weights ("loss"; L_paste left out: it only exists in training)."""
-    from .evaluate import SplitScores
-
     has_masks = split_has_masks(cfg, split)
     scored = SplitScores({"method": SegmentationMeter(num_labels)}, {"method": {}})
     weights = None if reference is None else replace(reference, paste_weight=0.0)
@@ -126,11 +125,15 @@ class Selector:
         dist.barrier()
         return value
 
+    def final_path(self, path: Path) -> Path:
+        """Where the last weights go: segmenter_last.pt when selecting (segmenter.pt becomes the chosen ones in
+        `finish`), else `path` itself."""
+        return self.out / LAST_FILE if self.active else path
+
     def finish(self, path: Path, tracker=None) -> None:
-        """Rank 0, after the final weights: segmenter_last.pt = them, segmenter.pt = the best."""
+        """Rank 0, after the last weights were saved to `final_path`: segmenter.pt = the chosen ones."""
         if not self.active or dist.get_rank() != 0:
             return
-        atomic_copy(path, self.out / LAST_FILE)
         atomic_copy(self.out / BEST_FILE, path)
         if tracker is not None:
             tracker.log_metrics({"select/step": self.record["step"],

@@ -138,7 +138,7 @@ def train_segmenter(cfg: Config, parent_run_id: str | None = None, batches: Iter
     state_dict = checkpoints.finish(engine, state)  # final checkpoint; every rank gathers, rank 0 gets it
     path = segmenter_path(cfg)
     if rank == 0:
-        save_segmenter(state_dict, cfg, classes, path)
+        save_segmenter(state_dict, cfg, classes, selector.final_path(path))
         selector.finish(path, tracker)
         finish_run(out, tracker, state, record, time.time() - meter.start, world, path)
     return StageResult("segmenter", path, tracker.run_id, lineage)
