@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .accel import prepare_images, prepare_modules
 from .checkpoint import Checkpointer
 from .config import ClassifierConfig, Config
+from .decouple import Decoupler, save_examples
 from .data import dataset_classes, epoch_batches, eval_batches, eval_splits, resumable_batches
 from .effnet import EfficientNetLite, imagenet_state_dict, load_state_dict_file, load_trunk
 from .engine import deepspeed_config, make_engine, zero_stage
@@ -123,25 +124,36 @@ def jtt_loss(logits: torch.Tensor, labels: torch.Tensor, keys: list[str], error_
 
 
 def classifier_step(engine, batch: dict, cfg: Config, seed_key: tuple, error_set: frozenset[str] = frozenset(),
-                    upweight: float = 1.0, mean_weight: float = 1.0) -> float:
-    """One stage-1 micro-step: colour augmentation (seeded by `seed_key`), forward, JTT-weighted BCE,
+                    upweight: float = 1.0, mean_weight: float = 1.0, decoupler: Decoupler | None = None,
+                    examples: Path | None = None) -> float:
+    """One stage-1 micro-step: context decoupling with a first-round segmenter (`decoupler`; its first pairs
+    saved as a picture to `examples`), colour augmentation (both seeded by `seed_key`), forward, JTT-weighted BCE,
     backward and DeepSpeed's step (which steps the optimizer at the end of an accumulation); the loss."""
-    images = colour_augment(prepare_images(batch["image"], cfg, engine.device), cfg.classifier.grayscale_p,
-                            cfg.classifier.channel_shuffle_p, seed=hash(seed_key))
+    images = prepare_images(batch["image"], cfg, engine.device)
+    labels = batch["labels"].to(images.device)
+    if decoupler is not None:
+        before = images
+        images, labels, pairs = decoupler(images, labels, seed=hash(seed_key + (1,)))  # ints hash the same in every process
+        if examples is not None:
+            save_examples(before, images, pairs, examples)
+    images = colour_augment(images, cfg.classifier.grayscale_p, cfg.classifier.channel_shuffle_p,
+                            seed=hash(seed_key))
     logits = engine(images)
-    loss = jtt_loss(logits, batch["labels"].to(logits.device), batch["key"], error_set, upweight, mean_weight)
+    loss = jtt_loss(logits, labels, batch["key"], error_set, upweight, mean_weight)
     engine.backward(loss)
     engine.step()
     return loss.item()
 
 
 def _fit(cfg: Config, net: torch.nn.Module, epochs: int, directory: Path, tracker: Tracker, prefix: str,
-         error_set: frozenset[str] = frozenset(), upweight: float = 1.0,
-         dataset_size: int = 0) -> tuple[dict[str, torch.Tensor] | None, LoopState, StepMeter]:
+         error_set: frozenset[str] = frozenset(), upweight: float = 1.0, dataset_size: int = 0,
+         decoupler: Decoupler | None = None) -> tuple[dict[str, torch.Tensor] | None, LoopState, StepMeter]:
     """Fine-tune `net` for `epochs` epochs of the training split under DeepSpeed, checkpointing into
     `directory` (a killed run resumes there); returns the fp32 state dict on rank 0 (None elsewhere). With an
     error set, each image's BCE is weighted by `jtt_weights` and the batch mean divided by the data set's mean
-    weight, which is JTT's upsampling of the error set in expectation, at an unchanged learning-rate scale."""
+    weight, which is JTT's upsampling of the error set in expectation, at an unchanged learning-rate scale. With a
+    `decoupler`, batches are decoupled first (trainer/decouple.py); the first step's pairs are saved as
+    <directory>/../decouple_examples.png."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     micro = cfg.classifier.batch_size
     ds_config = deepspeed_config(cfg, micro)
@@ -152,6 +164,8 @@ def _fit(cfg: Config, net: torch.nn.Module, epochs: int, directory: Path, tracke
     engine, _ = make_engine(net, cfg.classifier.lr, ds_config, cfg.classifier.weight_decay,
                             zero3_shared_master=cfg.train.zero3_shared_master)
     prepare_modules(cfg, net, zero_stage=zero_stage(ds_config))  # channels-last / compile (trainer/accel.py)
+    if decoupler is not None:
+        decoupler.to(engine.device)
     state = checkpoints.restore(engine)
     batches = resumable_batches(cfg, seed=cfg.train.seed, batch_size=micro, samples_seen=state.samples)
     mean_weight = 1.0 + (upweight - 1.0) * len(error_set) / max(dataset_size, 1)
@@ -162,8 +176,10 @@ def _fit(cfg: Config, net: torch.nn.Module, epochs: int, directory: Path, tracke
     for step in bar:
         loss_sum = 0.0
         for micro_step in range(accum):  # DeepSpeed steps the optimizer on the last micro-batch
+            examples = directory.parent / "decouple_examples.png" if (
+                decoupler is not None and rank == 0 and step == state.step and micro_step == 0) else None
             loss = classifier_step(engine, next(batches), cfg, (cfg.train.seed, step, micro_step, rank),
-                                   error_set, upweight, mean_weight)
+                                   error_set, upweight, mean_weight, decoupler, examples)
             loss_sum += loss / accum
         record = meter.step({"loss": loss_sum})  # means over ranks; advances step, data position, history
         bar.set_postfix(loss=f"{record[f'{prefix}/loss']:.3f}", img_s=f"{record[f'{prefix}/images_per_s']:.0f}")
@@ -204,10 +220,12 @@ def jtt_error_set(cfg: Config, out: Path, classes: list[str], tracker: Tracker) 
     return frozenset(data["keys"]), int(data["images"])
 
 
-def train_classifier(cfg: Config, parent_run_id: str | None = None) -> StageResult:
+def train_classifier(cfg: Config, parent_run_id: str | None = None,
+                     lineage: dict[str, str] | None = None) -> StageResult:
     """Fine-tune g for `classifier.epochs` epochs; returns the saved state dict's path and the run. With
     `classifier.jtt_epochs` > 0 a short first pass finds the training images g gets wrong and the real pass
-    weights them by `classifier.jtt_upweight` (`jtt_error_set`)."""
+    weights them by `classifier.jtt_upweight` (`jtt_error_set`); with `classifier.decouple_from` a first-round
+    segmenter decouples objects from their context (trainer/decouple.py; `lineage`: its registry tags)."""
     rank, world, out = start_stage(cfg)
     classes = dataset_classes(cfg)
     micro = cfg.classifier.batch_size
@@ -215,14 +233,21 @@ def train_classifier(cfg: Config, parent_run_id: str | None = None) -> StageResu
     accum = ds_config["gradient_accumulation_steps"]
     tracker = Tracker(cfg, stage_run_name(cfg, "classifier"), active=rank == 0, parent_run_id=parent_run_id)
     tracker.set_tags({"world_size": world, "zero_stage": zero_stage(ds_config),
-                      "global_batch": micro * accum * world})
+                      "global_batch": micro * accum * world, **(lineage or {})})
     error_set, dataset_size = frozenset(), 0
     if cfg.classifier.jtt_epochs > 0:
         error_set, dataset_size = jtt_error_set(cfg, out, classes, tracker)
         tracker.set_tags({"jtt.error_set": len(error_set), "jtt.upweight": cfg.classifier.jtt_upweight})
+    decoupler = None
+    if cfg.classifier.decouple_from:
+        decoupler = Decoupler(cfg.classifier.decouple_from, classes, cfg.classifier.decouple_p,
+                              cfg.classifier.decouple_dilate)
+        tracker.set_tags({"decouple.from": cfg.classifier.decouple_from, "decouple.p": cfg.classifier.decouple_p})
     net = build_classifier(cfg.classifier, len(classes))
     state_dict, state, meter = _fit(cfg, net, cfg.classifier.epochs, out / "classifier_checkpoints", tracker,
-                                    "classifier", error_set, cfg.classifier.jtt_upweight, dataset_size)
+                                    "classifier", error_set, cfg.classifier.jtt_upweight, dataset_size, decoupler)
+    if rank == 0 and decoupler is not None and (out / "decouple_examples.png").is_file():
+        tracker.log_artifact(out / "decouple_examples.png")
     path = classifier_path(cfg)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,10 +65,13 @@ def cmd_train_classifier(args) -> None:
     from .loop import check_stage_inputs
     from .registry import register_stage
 
+    from .model_uri import resolve_decouple_from
+
     cfg = _config(args)
     _check_tracking(cfg)
-    check_stage_inputs(cfg)
-    result = train_classifier(cfg)
+    check_stage_inputs(cfg)  # before URI resolution, which downloads into the run folder
+    cfg, lineage = resolve_decouple_from(cfg)
+    result = train_classifier(cfg, lineage=lineage)
     if _registers(cfg):
         register_stage(cfg, result)
 

@@ -84,6 +84,13 @@ class ClassifierConfig:
     jtt_epochs: int = 0  # > 0: Just Train Twice; an ERM g of this many epochs picks the training images it gets
     #                      wrong (the error set), and the real stage 1 weights their loss by jtt_upweight
     jtt_upweight: float = 10.0
+    # context decoupling (CDA, Su et al. 2021), a second round of stage 1: a first-round segmenter (path or
+    # models:/NAME@ALIAS, runs:/...) cuts each tagged image's objects; in a share `decouple_p` of (tagged,
+    # untagged) pairs of a batch the objects are pasted onto the untagged image (tags kept) and the untagged
+    # image's content fills the tagged one where its objects were (no tags): object and context stop coinciding
+    decouple_from: str = ""
+    decouple_p: float = 0.5
+    decouple_dilate: int = 2  # pixels the hardened mask grows by before the objects are removed (as erase_dilate)
 
 
 @dataclass
@@ -359,7 +366,8 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {value}")
     for key, value in {"classifier.jtt_epochs": cfg.classifier.jtt_epochs,
-                       "objective.erase_dilate": cfg.objective.erase_dilate}.items():
+                       "objective.erase_dilate": cfg.objective.erase_dilate,
+                       "classifier.decouple_dilate": cfg.classifier.decouple_dilate}.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be ≥ 0 (0 = off), got {value}")
     for key in ("objective.erase_start", "objective.erase_ramp", "objective.cam_steps",
@@ -373,7 +381,7 @@ def validate(cfg: Config) -> None:
     if cfg.classifier.jtt_upweight < 1:
         raise ConfigError("config key 'classifier.jtt_upweight' must be ≥ 1 (the error set's loss weight), got "
                           f"{cfg.classifier.jtt_upweight}")
-    for key in ("classifier.grayscale_p", "classifier.channel_shuffle_p"):
+    for key in ("classifier.grayscale_p", "classifier.channel_shuffle_p", "classifier.decouple_p"):
         value = getattr(cfg.classifier, key.split(".")[1])
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key {key!r} is a probability in [0, 1], got {value}")

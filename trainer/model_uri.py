@@ -1,7 +1,7 @@
 """Model URIs: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/m-<id>` and `runs:/RUN/PATH` resolved
 against the MLflow registry (errors that name the model, the alias and the server), downloaded into local
-model folders, and the config's two URI-valued keys (`classifier.checkpoint`, `model.init_from`) turned into
-local files. Drivers (the CLI, the demo, a sweep trial) resolve once and hand plain paths down."""
+model folders, and the config's URI-valued keys (`classifier.checkpoint`, `model.init_from`,
+`classifier.decouple_from`) turned into local files. Drivers (the CLI, the demo, a sweep trial) resolve once and hand plain paths down."""
 from __future__ import annotations
 
 import hashlib
@@ -165,21 +165,33 @@ def resolve_classifier(cfg: Config) -> tuple[Config, dict[str, str]]:
     return replace(cfg, classifier=replace(cfg.classifier, checkpoint=str(weights))), lineage
 
 
-def resolve_init_from(cfg: Config) -> tuple[Config, dict[str, str]]:
-    """`model.init_from=models:/NAME@ALIAS` (or /VERSION, runs:/...): download that segmenter into the run
-    folder; a local path must exist. Returns a config that points at the local segmenter.pt and the lineage
-    the run and the registered model record: the URI asked for, the resolved version and its run, the hash."""
-    uri = cfg.model.init_from
+def resolve_segmenter_key(cfg: Config, key: str, folder_prefix: str) -> tuple[Config, dict[str, str]]:
+    """A segmenter-valued config key (`model.init_from`, `classifier.decouple_from`) given as
+    models:/NAME@ALIAS (or /VERSION, runs:/...): download that segmenter into the run folder; a local path must
+    exist. Returns a config that points at the local segmenter.pt and the lineage the run and the registered
+    model record under the key's last part: the URI asked for, the resolved version and its run, the hash."""
+    section, name = key.split(".")
+    uri = getattr(getattr(cfg, section), name)
     if not uri:
         return cfg, {}
     if not is_model_uri(uri):
         if not Path(uri).is_file():
-            raise ConfigError(f"model.init_from = {uri!r}: no such segmenter checkpoint (expected a segmenter.pt "
+            raise ConfigError(f"{key} = {uri!r}: no such segmenter checkpoint (expected a segmenter.pt "
                               "path or a models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ URI)")
-        return cfg, {"init_from": uri, "init_from.weights_sha256": file_sha256(uri)}
-    ref, weights = fetch_weights(cfg, uri, "init-", "segmenter.pt", "segmenter")
-    print(f"init_from: {uri} → {ref.canonical} ({weights})")
-    lineage = {"init_from": uri, "init_from.model_uri": ref.canonical, "init_from.model_version": ref.version,
-               "init_from.run_id": ref.run_id, "init_from.weights_sha256": file_sha256(weights)}
-    resolved = replace(cfg, model=replace(cfg.model, init_from=str(weights)))
+        return cfg, {name: uri, f"{name}.weights_sha256": file_sha256(uri)}
+    ref, weights = fetch_weights(cfg, uri, folder_prefix, "segmenter.pt", "segmenter")
+    print(f"{name}: {uri} → {ref.canonical} ({weights})")
+    lineage = {name: uri, f"{name}.model_uri": ref.canonical, f"{name}.model_version": ref.version,
+               f"{name}.run_id": ref.run_id, f"{name}.weights_sha256": file_sha256(weights)}
+    resolved = replace(cfg, **{section: replace(getattr(cfg, section), **{name: str(weights)})})
     return resolved, {k: v for k, v in lineage.items() if v}  # a version registered from a file has no run
+
+
+def resolve_init_from(cfg: Config) -> tuple[Config, dict[str, str]]:
+    """`model.init_from` as a local segmenter.pt, and its lineage (`resolve_segmenter_key`)."""
+    return resolve_segmenter_key(cfg, "model.init_from", "init-")
+
+
+def resolve_decouple_from(cfg: Config) -> tuple[Config, dict[str, str]]:
+    """`classifier.decouple_from` (stage 1's first-round segmenter) as a local segmenter.pt, and its lineage."""
+    return resolve_segmenter_key(cfg, "classifier.decouple_from", "decouple-")
