@@ -12,7 +12,8 @@ Variants are config overrides (so the measured code is the product's): float_bat
 issue measured it: a contiguous float32 batch, no exact speed-up, channels-last/compile/bf16 off), no_speedups
 (the loader's uint8 batch since 2026-12-02, a B×3×H×W view of the collated H×W×3 arrays made float by the step;
 no exact speed-up), one variant per exact speed-up alone (blur_matmul, aux_masks_only, aux_batched,
-frozen_no_grad, bn_folded, native_pad), default (the default config: all of them), channels_last (default + the
+frozen_no_grad, bn_folded, native_pad, ...), default (the default config: all of them), without_<speed-up> (the
+default with that one off: its gain on top of the others), channels_last (default + the
 weights' layout), bf16 (channels-last + DeepSpeed's bf16 autocast of the engine's forward; measured on CUDA only),
 compile (default + channels-last + torch.compile). "× no_speedups" is a speed-up's own gain. Rounds interleave
 the variants, one timed block of each in turn, so a load change on a shared machine hits every variant alike;
@@ -43,6 +44,9 @@ VARIANTS = {
     # each exact speed-up of trainer/speedups.py on its own, over no_speedups
     **{name: OFF + [f"train.speedups=[{name}]"] for name in SPEEDUPS},
     "default": OFF,  # the default config: every exact speed-up on
+    # the default with one exact speed-up off: what it adds on top of all the others
+    **{f"without_{name}": OFF + [f"train.speedups=[{','.join(n for n in SPEEDUPS if n != name)}]"]
+       for name in SPEEDUPS},
     "channels_last": ["train.channels_last=true", "train.compile=false", "train.bf16=false"],
     "bf16": ["train.channels_last=true", "train.compile=false", "train.bf16=true"],
     "compile": ["train.channels_last=true", "train.compile=true", "train.bf16=false"],
