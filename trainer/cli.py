@@ -144,7 +144,8 @@ def ensure_toy_data(cfg) -> None:
 
 def demo_stages(cfg, parent, registers: bool, retrain_classifier: bool):
     """Stage 1 (unless g is given or trained already), stage 2, eval; g and the segmenter registered with
-    the alias `champion`. Returns the eval results and the registered segmenter version (or None)."""
+    the alias `champion`. With `train.rounds` > 1 the earlier rounds first (trainer/rounds.py), and this run's g
+    decouples with the last of them. Returns the eval results and the registered segmenter version (or None)."""
     from .classifier import train_classifier
     from .evaluate import evaluate
     from .loop import StageResult
@@ -154,8 +155,20 @@ def demo_stages(cfg, parent, registers: bool, retrain_classifier: bool):
 
     cfg, lineage = _resolve_uris(cfg)  # classifier=models:/... skips stage 1
     g_given = any(k.startswith("classifier.") for k in lineage)
+    g_lineage = {}
+    if cfg.train.rounds > 1:
+        from .config import ConfigError
+        from .model_uri import resolve_decouple_from
+        from .rounds import run_earlier_rounds
+
+        if g_given or cfg.classifier.checkpoint:
+            raise ConfigError(f"train.rounds={cfg.train.rounds} trains g in every round; it cannot start from the g "
+                              f"given by classifier.checkpoint={cfg.classifier.checkpoint!r} (set train.rounds=1)")
+        cfg, _ = resolve_decouple_from(cfg)  # a segmenter the config names for round 1 (a registry URI: a file)
+        cfg = run_earlier_rounds(cfg, parent_run_id=parent.run_id, retrain_classifier=retrain_classifier)
+        cfg, g_lineage = resolve_decouple_from(cfg)  # the round before's segmenter: its path and hash as g's tags
     if not g_given and (retrain_classifier or not classifier_path(cfg).is_file()):
-        g_result = train_classifier(cfg, parent_run_id=parent.run_id)
+        g_result = train_classifier(cfg, parent_run_id=parent.run_id, lineage=g_lineage)
         if registers:
             register_stage(cfg, g_result, alias="champion")
     if registers and not g_given:

@@ -179,6 +179,9 @@ class TrainConfig:
     # ... preferring later weights: a step is chosen when its mIoU is within this of the best so far (Keras'
     # EarlyStopping min_delta); 0 = strictly the best
     select_min_delta: float = 0.0
+    # `wsssrec demo`: rounds of stage 1 + stage 2; each round after the first trains g with context decoupling by the
+    # round before's segmenter (classifier.decouple_from; trainer/rounds.py), earlier rounds in <run dir>/round<r>/
+    rounds: int = 1
     resume: str = "auto"  # "auto" (newest complete checkpoint of this run, if any) | "never" | a checkpoint folder
     deepspeed: str = "configs/deepspeed/zero0.json"  # a DeepSpeed JSON, or zero0 | zero1 | zero2 | zero3
     bf16: bool = False  # bf16 autocast (DeepSpeed torch_autocast): bf16 compute, fp32 weights and Adam state
@@ -361,6 +364,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.speedups' names unknown speed-up(s) {unknown}; expected any of "
                           f"{list(SPEEDUPS)} (trainer/speedups.py)")
     positive = {"data.image_size": cfg.data.image_size, "data.batch_size": cfg.data.batch_size,
+                "train.rounds": cfg.train.rounds,
                 "train.steps": cfg.train.steps, "classifier.batch_size": cfg.classifier.batch_size}
     for key, value in positive.items():
         if value <= 0:
