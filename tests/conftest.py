@@ -3,7 +3,14 @@
 The Debian source packages come from the wsssrec cache (`$WSSSREC_CACHE/debian`, else
 `~/.cache/wsssrec/debian`); the first run fetches them with `apt-get download`.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 # paired=0: the session set has no test_paired (tests/test_data_toy_birds.py and tests/test_paired_eval.py build
 # their own), so every other test sees the four splits it always had
@@ -58,3 +65,15 @@ def folder_bytes(manifest_path: str) -> dict:
 
     folder = os.path.dirname(manifest_path)
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def run_stage1(work, toy_dataset: str, run_name: str, *extra: str) -> subprocess.CompletedProcess:
+    """`wsssrec train-classifier` on the toy-birds config at 64 px into <work>/runs/<run_name>, MLflow in
+    <work>/mlflow.db, ZeRO 0, 2 threads; `extra` overrides after these. The finished process (not checked)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
+    args = ["-c", str(REPO / "configs/toy_birds.yaml"), f"data.url={toy_dataset}", "data.image_size=64",
+            f"train.out_dir={work}/runs", f"train.run_name={run_name}", f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
+            f"mlflow.artifact_location={work}/mlartifacts", f"train.deepspeed={REPO}/configs/deepspeed/zero0.json",
+            *extra]
+    return subprocess.run([sys.executable, "-m", "trainer", "train-classifier", *args], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=900)

@@ -2,10 +2,6 @@
 the real pass, its config checks, and a real two-pass stage 1 through the `wsssrec` entry point."""
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +9,6 @@ import torch.nn.functional as F
 
 from trainer.classifier import jtt_loss, jtt_weights, misclassified
 from trainer.config import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class FixedLogits(torch.nn.Module):
@@ -74,13 +68,10 @@ def test_jtt_config_is_checked():
 
 
 def _stage1(work, toy_dataset, *extra):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
-    args = ["-c", str(REPO / "configs/toy_birds.yaml"), f"data.url={toy_dataset}", "data.image_size=64",
-            f"train.out_dir={work}/runs", "train.run_name=jtt", f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
-            f"mlflow.artifact_location={work}/mlartifacts", f"train.deepspeed={REPO}/configs/deepspeed/zero0.json",
-            "classifier.epochs=2", "classifier.jtt_epochs=1", "classifier.jtt_upweight=20", *extra]
-    proc = subprocess.run([sys.executable, "-m", "trainer", "train-classifier", *args], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=900)
+    from tests.conftest import run_stage1
+
+    proc = run_stage1(work, toy_dataset, "jtt", "classifier.epochs=2", "classifier.jtt_epochs=1",
+                      "classifier.jtt_upweight=20", *extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

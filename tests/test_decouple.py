@@ -1,9 +1,6 @@
 """Context decoupling in stage 1 (trainer/decouple.py): pairs drawn within the batch, the two composites on
 hand-made images, the first-round segmenter's masks, its config and errors, and a real stage 1 through the
 `wsssrec` entry point that saves the picture of what g was shown."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -119,13 +116,9 @@ def test_config_is_checked(tmp_path):
 
 
 def _stage1(work, toy_dataset, *extra):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
-    args = ["-c", str(REPO / "configs/toy_birds.yaml"), f"data.url={toy_dataset}", "data.image_size=64",
-            f"train.out_dir={work}/runs", "train.run_name=cda", f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
-            f"mlflow.artifact_location={work}/mlartifacts", f"train.deepspeed={REPO}/configs/deepspeed/zero0.json",
-            "classifier.epochs=1", *extra]
-    return subprocess.run([sys.executable, "-m", "trainer", "train-classifier", *args], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=900)
+    from tests.conftest import run_stage1
+
+    return run_stage1(work, toy_dataset, "cda", "classifier.epochs=1", *extra)
 
 
 @pytest.mark.slow
