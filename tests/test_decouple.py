@@ -96,6 +96,11 @@ def test_decoupler_uses_the_segmenters_flip_averaged_foreground(tmp_path):
     for a, b in zip(i.tolist(), j.tolist()):
         m = fg[a]
         assert torch.allclose(out[a], m * images[a] + (1 - m) * images[b], atol=1e-5)
+    odd = torch.rand(2, 3, 70, 90)  # sides that are not multiples of 32: padded as evaluation pads, cut back
+    padded = torch.nn.functional.pad(odd, (0, 6, 0, 26))
+    with torch.no_grad():
+        expected = foreground(mask_lets(mask_logits(model, padded, flip=True)), 1)[..., :70, :90]
+    assert torch.allclose(decoupler.foreground(odd), expected, atol=1e-6)
     same, _, _ = decoupler(images, labels, seed=3)
     assert torch.equal(out, same)
     untouched, _, pairs = decoupler(images, _labels([1, 1, 1, 1]), seed=3)  # no untagged image: nothing to do

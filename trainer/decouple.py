@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .losses import erased, foreground, mask_lets, pasted
@@ -64,8 +65,14 @@ class Decoupler:
 
     @torch.no_grad()
     def foreground(self, images: torch.Tensor) -> torch.Tensor:
-        """The segmenter's soft foreground (the sum of the class mask-lets), flip-averaged as at inference."""
-        return foreground(mask_lets(mask_logits(self.model, images, flip=True)), self.num_classes)
+        """The segmenter's soft foreground (the sum of the class mask-lets), flip-averaged as at inference; a batch
+        whose sides are not multiples of the encoder's divisor is padded at the bottom and right, as evaluation
+        pads, and cut back."""
+        height, width = images.shape[-2:]
+        divisor = getattr(self.model, "divisor", 1)
+        padded = F.pad(images, (0, -width % divisor, 0, -height % divisor))
+        logits = mask_logits(self.model, padded, flip=True)[..., :height, :width]
+        return foreground(mask_lets(logits), self.num_classes)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
