@@ -266,46 +266,6 @@ def test_dense_grads_hands_the_upsampling_a_dense_gradient_of_the_same_values(sw
     _assert_same_decoder_grads(switches, "dense_grads", rtol=1e-4, atol=1e-7)
 
 
-def test_skip_split_is_the_concatenated_convolution_with_no_gradient_for_the_skip(switches):
-    from trainer.models import conv_block, stage_forward
-
-    torch.manual_seed(0)
-    stage = conv_block(5 + 16, 4).double()
-    x = torch.rand(2, 5, 8, 8, dtype=torch.float64, requires_grad=True)
-    skip = torch.rand(2, 16, 8, 8, dtype=torch.float64)
-    def first_conv_called(block, x_, s_):
-        called = []
-        handle = block[0].register_forward_pre_hook(lambda module, args: called.append(True))
-        try:
-            out = stage_forward(block, x_, s_)
-        finally:
-            handle.remove()
-        return out, bool(called)
-
-    def run(names):
-        switches(names)
-        stage.zero_grad()
-        x.grad = None
-        out, called = first_conv_called(stage, x, skip)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        return out.detach(), x.grad.clone(), [p.grad.clone() for p in stage.parameters()], called
-
-    fast, base = run(["skip_split"]), run([])
-    assert torch.allclose(fast[0], base[0], rtol=1e-12, atol=1e-12)
-    assert torch.allclose(fast[1], base[1], rtol=1e-12, atol=1e-12)
-    for a, b in zip(fast[2], base[2]):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    assert base[3] and not fast[3]  # split: the block's own first convolution (on the concatenation) is not run
-    # where it would not pay or not be exact, the concatenation stays: an RGB skip (3 channels), a skip that needs
-    # a gradient (a trainable encoder), no gradient at all (inference)
-    switches(["skip_split"])
-    for x_, s_ in [(x, skip[:, :3]), (x, skip.clone().requires_grad_(True))]:
-        assert first_conv_called(conv_block(x_.shape[1] + s_.shape[1], 4).double(), x_, s_)[1]
-    with torch.no_grad():
-        assert first_conv_called(stage, x, skip)[1]
-    _assert_same_decoder_grads(switches, "skip_split", rtol=1e-4, atol=1e-7)
-
-
 def test_inplace_act_gives_the_same_values_and_gradients_in_training_and_eval(switches):
     net = _frozen_net()
     x = torch.rand(2, 3, 64, 64, requires_grad=True)

@@ -97,24 +97,6 @@ class DenseGrad(torch.autograd.Function):
         return grad.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
 
 
-SKIP_SPLIT_MIN_CHANNELS = 16  # below, the skip's own convolution costs more than its saved gradient (RGB: 3)
-
-
-def stage_forward(stage: nn.Sequential, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """A decoder stage (`conv_block`) on the concatenation [x, skip]. With the speed-up `skip_split`, where x needs a
-    gradient and the skip does not and has ≥ SKIP_SPLIT_MIN_CHANNELS channels, the first convolution is split by
-    input channels, W_x * x + b + W_s * s (the same sum in another order): its backward then skips the gradient of
-    the skip, which autograd computed for the whole concatenation before."""
-    conv = stage[0]
-    if not (speedups.enabled("skip_split") and x.requires_grad and not skip.requires_grad
-            and skip.shape[1] >= SKIP_SPLIT_MIN_CHANNELS and torch.is_grad_enabled()):
-        return stage(torch.cat([x, skip], dim=1))
-    c = x.shape[1]
-    y = F.conv2d(x, conv.weight[:, :c], conv.bias, conv.stride, conv.padding)
-    y = y.add_(F.conv2d(skip, conv.weight[:, c:], None, conv.stride, conv.padding))
-    return stage[1:](y)
-
-
 class UNetDecoder(nn.Module):
     """Projects the deepest features, then per level: ×2 upsample, concatenate the skip, conv_block.
     Returns the output and the intermediate maps by stride (the low-resolution image-let head reads them)."""
@@ -140,7 +122,7 @@ class UNetDecoder(nn.Module):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             if x.requires_grad and speedups.enabled("dense_grads"):
                 x = DenseGrad.apply(x)
-            x = stage_forward(stage, x, skip)
+            x = stage(torch.cat([x, skip], dim=1))
             stride //= 2
             maps[stride] = x
         return self.head(x), maps

@@ -21,17 +21,13 @@ from a config (the trainers call it), `enabled` reads them where the work is don
   (`effnet.mirrored`); the pooled logits need no flip back, the CAM maps one;
 - `dense_grads`: the decoder's upsampled maps get their gradient as a dense tensor (after torch.cat it is a
   strided channel slice, on which the bilinear upsampling's backward takes a slow path);
-- `skip_split`: a decoder stage's first convolution over [upsampled map, encoder skip] as two convolutions
-  summed, W_x * x + W_s * s, when the skip needs no gradient (a frozen encoder) and has ≥ 16 channels: the
-  backward then computes no gradient for the skip's channels (after torch.cat it computed one for every channel
-  and threw the skip's away), and the concatenated copy is gone;
 - `inplace_act`: the activations after a convolution (EfficientNet's ReLU6, the decoder's LeakyReLU) in place
   (ReLU6 under autograd through a function whose backward reads the result: torch's relu6_ clones its input).
 """
 from __future__ import annotations
 
 SPEEDUPS = ("blur_matmul", "aux_masks_only", "aux_batched", "frozen_no_grad", "bn_folded", "native_pad",
-            "mirror_pad", "dense_grads", "skip_split", "inplace_act")
+            "mirror_pad", "dense_grads", "inplace_act")
 
 _enabled: set[str] = set(SPEEDUPS)
 
