@@ -1,6 +1,7 @@
 """Context decoupling in stage 1 (trainer/decouple.py): pairs drawn within the batch, the two composites on
 hand-made images, the first-round segmenter's masks, its config and errors, and a real stage 1 through the
 `wsssrec` entry point that saves the picture of what g was shown."""
+import os
 from pathlib import Path
 
 import pytest
@@ -140,10 +141,13 @@ def test_stage1_with_a_first_round_segmenter(toy_dataset, tmp_path):
     assert picture.width == 4 * 64 * 2 and picture.height % (64 * 2) == 0 and picture.height >= 64 * 2
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    # a client, not mlflow.set_tracking_uri: that sets MLFLOW_TRACKING_URI in os.environ, which every later test's
+    # subprocess would inherit (and log there instead of to its own database)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("wsssrec").experiment_id])
     tags = runs[0].data.tags
     assert tags["decouple.from"] == str(path) and tags["decouple.p"] == "1.0"
     assert len(tags["decouple_from.weights_sha256"]) == 64
-    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)]
+    artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id)]
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     assert "decouple_examples.png" in artifacts
