@@ -56,8 +56,8 @@ def shm_buffer_path(rank: int) -> Path:
 def release_shm_name(rank: int, world: int) -> None:
     """DeepSpeed 0.19's CPU all-reduce, when every rank is on one machine (the launcher's LOCAL_SIZE equals the world
     size), creates a 67 MB shared-memory buffer per rank (`shm_buffer_path`) and never unlinks it: every launcher
-    run left 67 MB of RAM per rank in /dev/shm after it ended (240 files, 16 GB, on the development machine after a
-    day of test runs, until tests failed for memory). Each rank opens every other rank's buffer before
+    run left 67 MB of RAM per rank in /dev/shm after it ended (240 files, 16 GB of 24, on the development machine
+    after a day of test runs). Each rank opens every other rank's buffer before
     `deepspeed.init_distributed` returns; after a barrier each rank unlinks its own name, so the memory stays mapped
     while the processes live and the kernel frees it when the last one exits, however it exits."""
     if os.environ.get("DS_ACCELERATOR") != "cpu" or os.environ.get("LOCAL_SIZE") != str(world):
