@@ -72,8 +72,8 @@ def run_stage1(work, toy_dataset: str, run_name: str, *extra: str) -> subprocess
     <work>/mlflow.db, ZeRO 0, 2 threads; `extra` overrides after these. The finished process (not checked)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
     args = ["-c", str(REPO / "configs/toy_birds.yaml"), f"data.url={toy_dataset}", "data.image_size=64",
-            f"train.out_dir={work}/runs", f"train.run_name={run_name}", f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
-            f"mlflow.artifact_location={work}/mlartifacts", f"train.deepspeed={REPO}/configs/deepspeed/zero0.json",
-            *extra]
+            f"train.out_dir={work}/runs", f"train.run_name={run_name}",
+            f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db", f"mlflow.artifact_location={work}/mlartifacts",
+            f"train.deepspeed={REPO}/configs/deepspeed/zero0.json", *extra]
     return subprocess.run([sys.executable, "-m", "trainer", "train-classifier", *args], cwd=work, env=env,
                           capture_output=True, text=True, timeout=900)

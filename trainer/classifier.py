@@ -133,7 +133,8 @@ def classifier_step(engine, batch: dict, cfg: Config, seed_key: tuple, error_set
     labels = batch["labels"].to(images.device)
     if decoupler is not None:
         before = images
-        images, labels, pairs = decoupler(images, labels, seed=hash(seed_key + (1,)))  # ints hash the same in every process
+        # a tuple of ints hashes the same in every process (a resumed run draws the same pairs)
+        images, labels, pairs = decoupler(images, labels, seed=hash(seed_key + (1,)))
         if examples is not None:
             save_examples(before, images, pairs, examples)
     images = colour_augment(images, cfg.classifier.grayscale_p, cfg.classifier.channel_shuffle_p,

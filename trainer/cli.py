@@ -63,9 +63,8 @@ def _check_segmenter_inputs(cfg) -> None:
 def cmd_train_classifier(args) -> None:
     from .classifier import train_classifier
     from .loop import check_stage_inputs
-    from .registry import register_stage
-
     from .model_uri import resolve_decouple_from
+    from .registry import register_stage
 
     cfg = _config(args)
     _check_tracking(cfg)

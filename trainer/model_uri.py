@@ -1,7 +1,8 @@
 """Model URIs: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/m-<id>` and `runs:/RUN/PATH` resolved
 against the MLflow registry (errors that name the model, the alias and the server), downloaded into local
 model folders, and the config's URI-valued keys (`classifier.checkpoint`, `model.init_from`,
-`classifier.decouple_from`) turned into local files. Drivers (the CLI, the demo, a sweep trial) resolve once and hand plain paths down."""
+`classifier.decouple_from`) turned into local files. Drivers (the CLI, the demo, a sweep trial) resolve once and
+hand plain paths down."""
 from __future__ import annotations
 
 import hashlib
