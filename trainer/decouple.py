@@ -33,19 +33,26 @@ def decouple_pairs(labels: torch.Tensor, p: float, generator: torch.Generator) -
     return tagged[:n][keep], untagged[:n][keep]
 
 
-def decouple_batch(images: torch.Tensor, labels: torch.Tensor, fg: torch.Tensor, p: float, dilate: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """The batch with its chosen pairs decoupled. For a pair (i tagged, j untagged) and i's foreground `fg[i]`
-    (B×H×W, soft): image i becomes fg·I_i + (1 − fg)·I_j (i's objects on j's context, i's tags), image j becomes
-    I_i with its objects, hardened at 0.5 and grown by `dilate` pixels, replaced by I_j there (i's context, no
-    tags: j's). Returns the images, the labels (a new tensor, unchanged values) and the pairs."""
-    i, j = decouple_pairs(labels, p, generator)
+def decouple_images(images: torch.Tensor, fg_i: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
+                    dilate: int) -> torch.Tensor:
+    """The batch with the pairs (i tagged, j untagged) decoupled, given the tagged images' foreground `fg_i`
+    (len(i)×H×W, soft): image i becomes fg·I_i + (1 − fg)·I_j (i's objects on j's context, i's tags), image j
+    becomes I_i with its objects, hardened at 0.5 and grown by `dilate` pixels, replaced by I_j there (i's
+    context, no tags: j's). The input is not written."""
     out = images.clone()
     if len(i):
-        fg_i = fg[i].to(images.dtype)
+        fg_i = fg_i.to(images.dtype)
         out[i] = pasted(fg_i, images[i], images[j])
         out[j] = erased(fg_i, images[i], images[j], dilate)
-    return out, labels.clone(), (i, j)
+    return out
+
+
+def decouple_batch(images: torch.Tensor, labels: torch.Tensor, fg: torch.Tensor, p: float, dilate: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`decouple_pairs` drawn, then `decouple_images` with every image's foreground `fg` (B×H×W) given. Returns
+    the images, the labels (unchanged: the tags stay with their slot) and the pairs."""
+    i, j = decouple_pairs(labels, p, generator)
+    return decouple_images(images, fg[i], i, j, dilate), labels, (i, j)
 
 
 class Decoupler:
@@ -76,13 +83,11 @@ class Decoupler:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(seed)
-        positive = labels.sum(dim=1) > 0
-        if self.p <= 0 or positive.all() or not positive.any():
-            return images, labels, (torch.zeros(0, dtype=torch.long),) * 2
-        fg = torch.zeros(images.shape[0], *images.shape[-2:], dtype=images.dtype, device=images.device)
-        fg[positive] = self.foreground(images[positive]).to(images.dtype)
-        return decouple_batch(images, labels, fg, self.p, self.dilate, generator)
+        """The batch decoupled (`decouple_batch`); the segmenter runs on the paired tagged images only."""
+        i, j = decouple_pairs(labels, self.p, torch.Generator().manual_seed(seed))
+        if not len(i):
+            return images, labels, (i, j)
+        return decouple_images(images, self.foreground(images[i]), i, j, self.dilate), labels, (i, j)
 
 
 def save_examples(before: torch.Tensor, after: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor], path: Path,
